@@ -1,0 +1,177 @@
+"""Stateful ``torch.optim.Optimizer`` wrappers over pure update rules.
+
+The wrapper owns nothing but bookkeeping: it validates arguments, keeps each parameter's rule state in
+``self.state[p]`` (so ``state_dict()`` works as for any torch optimizer) and applies ``param += lr * update``
+in place. The math is the rule's, shared with the unroll engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .lstm import CoordinatewiseLSTM, LSTMRule
+from .rules import UpdateRule
+
+__all__ = ["RuleOptimizer", "LearnedOptimizer"]
+
+
+def _validate_lr(lr: Any) -> None:
+    if isinstance(lr, Tensor):
+        lr = lr.item()
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"Invalid learning rate: {lr!r} (expected a finite number >= 0)")
+
+
+class RuleOptimizer(Optimizer):
+    """Run any :class:`~learnedopt.rules.UpdateRule` as a ``torch.optim.Optimizer``.
+
+    Param-group ``lr`` multiplies the rule's update, so learning-rate schedulers work. Parameters whose
+    ``.grad`` is ``None`` are skipped and their state is left untouched.
+
+    Example:
+        >>> import torch, learnedopt
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = learnedopt.RuleOptimizer([w], learnedopt.sgd(lr=0.5))
+        >>> w.sum().backward(); opt.step(); w.data
+        tensor([0.5000, 0.5000])
+    """
+
+    def __init__(self, params: Iterable[Any], rule: UpdateRule, lr: float = 1.0) -> None:
+        _validate_lr(lr)
+        self.rule = rule
+        super().__init__(params, {"lr": lr})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "lr" in param_group:
+            _validate_lr(param_group["lr"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            name = names[i] if names else f"parameter {i} of param group {len(self.param_groups) - 1}"
+            if not p.is_floating_point() or p.is_complex():
+                raise TypeError(
+                    f"{name} has dtype {p.dtype}: {type(self).__name__} optimizes real floating-point "
+                    "parameters only (float32, float64, bfloat16, float16)"
+                )
+            if p.is_sparse:
+                raise TypeError(f"{name} is a sparse tensor: {type(self).__name__} supports dense parameters only")
+
+    def _rule_for(self, device: torch.device) -> UpdateRule:
+        """The rule to run for parameters on ``device`` (a subclass may keep one copy per device)."""
+        return self.rule
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Take one optimization step; returns ``closure()``'s loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            _validate_lr(group["lr"])
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(
+                        f"a parameter of shape {tuple(p.shape)} has a sparse gradient: "
+                        f"{type(self).__name__} supports dense gradients only"
+                    )
+                by_device.setdefault(p.device, []).append(p)
+            for device, params in by_device.items():
+                rule = self._rule_for(device)
+                for p in params:
+                    if not self.state[p]:
+                        self.state[p].update(rule.init([p])[0])
+                updates, new_state = rule.update(
+                    [p.grad for p in params], [self.state[p] for p in params], params
+                )
+                for p, u, s in zip(params, updates, new_state):
+                    p.add_(u, alpha=float(group["lr"]))
+                    self.state[p].update(s)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state like ``torch.optim``, but keep each state tensor's saved dtype.
+
+        ``torch.optim`` casts floating state to the parameter's dtype; a float32 hidden state kept beside
+        bfloat16 parameters would lose bits, and training would not continue bit-identically.
+        """
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+
+
+class LearnedOptimizer(RuleOptimizer):
+    """The coordinatewise LSTM optimizer of Andrychowicz et al. (2016) as a drop-in ``torch.optim.Optimizer``.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        net: a packaged net name (see :func:`learnedopt.list_pretrained`), a path to a ``net.pt`` written by
+            ``learnedopt meta-train``, or a :class:`~learnedopt.CoordinatewiseLSTM`. ``None`` loads the packaged
+            default, with no network access.
+        lr: multiplies the net's output (1.0 reproduces the meta-trained behaviour); schedulers may change it.
+        state_dtype: dtype of the per-coordinate hidden state (default: the net's, float32).
+        chunk_size: coordinates per LSTM call; chunks of ~10-16k rows are fastest on CPUs.
+
+    Per-parameter hidden state lives in ``self.state[p]`` (``"h"``, ``"c"``, ``"nonfinite"``), so
+    ``state_dict()`` / ``load_state_dict()`` round-trip exactly. A NaN or infinite gradient coordinate gets a
+    zero update and keeps its hidden state; ``state[p]["nonfinite"]`` counts such coordinate-steps.
+
+    Example:
+        >>> import torch, learnedopt
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = learnedopt.LearnedOptimizer(model.parameters())
+        >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        net: str | os.PathLike[str] | CoordinatewiseLSTM | None = None,
+        lr: float = 1.0,
+        *,
+        state_dtype: torch.dtype | None = None,
+        chunk_size: int = 16384,
+    ) -> None:
+        from .pretrained import DEFAULT_NET, load_net
+
+        if net is None:
+            net = DEFAULT_NET
+        if not isinstance(net, CoordinatewiseLSTM):
+            if not isinstance(net, (str, os.PathLike)):
+                raise TypeError(
+                    f"net must be a packaged name, a path or a CoordinatewiseLSTM, got {type(net).__name__}"
+                )
+            net = load_net(net)
+        if state_dtype is not None and not state_dtype.is_floating_point:
+            raise TypeError(f"state_dtype must be a floating-point dtype, got {state_dtype}")
+        self.net = net
+        rule = LSTMRule(net, state_dtype, chunk_size)
+        self._rules: dict[torch.device, LSTMRule] = {net.head.weight.device: rule}
+        super().__init__(params, rule, lr)
+
+    def _rule_for(self, device: torch.device) -> LSTMRule:
+        """The rule whose net lives on ``device``: the net is copied once per device it is needed on."""
+        if device not in self._rules:
+            net = copy.deepcopy(self.net).to(device)
+            self._rules[device] = LSTMRule(net, self.rule.state_dtype, self.rule.chunk_size)
+        return self._rules[device]

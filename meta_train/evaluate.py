@@ -1,0 +1,188 @@
+"""Fair comparisons of update rules: tuned learning rates on tuning tasks, reports on separate test tasks.
+
+Every optimizer is run through the same unroll engine on the same tasks, initial parameters and batches, so the
+only difference between two curves is the update rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from learnedopt import LSTMRule, UpdateRule, adam, load_net, rmsprop, sgd, unroll
+
+from .tasks import Task
+
+__all__ = [
+    "LR_GRID",
+    "BASELINES",
+    "TUNE_SEED",
+    "TEST_SEED",
+    "run_rule",
+    "final_score",
+    "tune_lr",
+    "Curves",
+    "compare",
+]
+
+# Separate streams of tasks: learning rates and the shipped net are chosen on TUNE tasks, numbers are reported
+# on TEST tasks. Meta-training samples its tasks from the user's --seed stream, which never equals these.
+TUNE_SEED = 1_000_003
+TEST_SEED = 2_000_003
+
+LR_GRID: list[float] = [10 ** (-4 + 0.5 * i) for i in range(9)]  # 1e-4 ... 1 in half-decades
+
+BASELINES: dict[str, Callable[[float], UpdateRule]] = {
+    "Adam": lambda lr: adam(lr),
+    "SGD": lambda lr: sgd(lr),
+    "RMSprop": lambda lr: rmsprop(lr),
+    "NAG": lambda lr: sgd(lr, momentum=0.9, nesterov=True),
+}
+
+
+def run_rule(task: Task, rule: UpdateRule, steps: int, init_seed: int) -> Tensor:
+    """Losses ``(steps + 1, num_tasks)`` of ``rule`` on ``task`` from initial parameters drawn with ``init_seed``."""
+    params = task.init_params(torch.Generator().manual_seed(init_seed))
+    with torch.no_grad():
+        return unroll(task.loss, params, rule, None, steps, task.batch).losses
+
+
+def final_score(losses: Tensor) -> float:
+    """Median final loss over tasks; diverged runs (NaN/Inf) count as +Inf."""
+    final = torch.nan_to_num(losses[-1].double(), nan=math.inf, posinf=math.inf)
+    return float(final.median())
+
+
+def tune_lr(
+    task: Task,
+    make_rule: Callable[[float], UpdateRule],
+    steps: int,
+    grid: list[float] = LR_GRID,
+    init_seed: int = TUNE_SEED,
+) -> tuple[float, dict[float, float]]:
+    """Return the grid learning rate with the lowest median final loss on ``task``, and every score."""
+    scores = {lr: final_score(run_rule(task, make_rule(lr), steps, init_seed)) for lr in grid}
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    return best, scores
+
+
+@dataclass
+class Curves:
+    """Loss curves of several optimizers on the same test tasks, with what is needed to render them again."""
+
+    title: str
+    steps: int
+    losses: dict[str, Tensor]  # name -> (steps + 1, num_tasks)
+    lrs: dict[str, float | None] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def summary(self, reference: str = "Adam") -> list[dict[str, object]]:
+        """One row per optimizer: final-loss statistics and ratios to ``reference``."""
+        finals = {name: torch.nan_to_num(l[-1].double(), nan=math.inf) for name, l in self.losses.items()}
+        ref = finals.get(reference)
+        rows = []
+        for name, final in finals.items():
+            row: dict[str, object] = {
+                "optimizer": name,
+                "lr": self.lrs.get(name),
+                "median": float(final.median()),
+                "mean": float(final.mean()),
+                "std": float(final.std()),
+                "geomean": float(final.clamp_min(1e-30).log().mean().exp()),
+                "diverged": int((~torch.isfinite(final)).sum()),
+            }
+            if ref is not None:
+                row["median_ratio"] = row["median"] / float(ref.median())
+                row["geomean_ratio"] = row["geomean"] / float(ref.clamp_min(1e-30).log().mean().exp())
+                row["mean_ratio"] = row["mean"] / float(ref.mean())
+            rows.append(row)
+        return rows
+
+    def markdown(self, reference: str = "Adam") -> str:
+        """A markdown table of :meth:`summary`."""
+        head = (
+            f"| optimizer | lr | median final loss | mean ± std | geo-mean | median / {reference} "
+            f"| geo-mean / {reference} | mean / {reference} |"
+        )
+        lines = [head, "|---|---|---|---|---|---|---|---|"]
+        for r in self.summary(reference):
+            lr = "—" if r["lr"] is None else f"{r['lr']:.3g}"
+            lines.append(
+                f"| {r['optimizer']} | {lr} | {r['median']:.3g} | {r['mean']:.3g} ± {r['std']:.2g} "
+                f"| {r['geomean']:.3g} | {r.get('median_ratio', float('nan')):.3f} "
+                f"| {r.get('geomean_ratio', float('nan')):.3f} | {r.get('mean_ratio', float('nan')):.3f} |"
+            )
+        return "\n".join(lines)
+
+    def save_json(self, path: Path) -> None:
+        payload = {
+            "title": self.title,
+            "steps": self.steps,
+            "lrs": self.lrs,
+            "meta": self.meta,
+            "losses": {k: v.tolist() for k, v in self.losses.items()},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload))
+
+    @classmethod
+    def load_json(cls, path: Path) -> "Curves":
+        payload = json.loads(Path(path).read_text())
+        losses = {k: torch.tensor(v, dtype=torch.float64) for k, v in payload["losses"].items()}
+        return cls(payload["title"], payload["steps"], losses, payload["lrs"], payload.get("meta", {}))
+
+    def plot(self, path: Path) -> None:
+        """Median loss per step with an interquartile band, log-scale y."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        steps = torch.arange(self.steps + 1)
+        for name, losses in self.losses.items():
+            l = torch.nan_to_num(losses.double(), nan=math.inf)
+            q = torch.quantile(l.clamp_max(1e30), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=1)
+            lr = self.lrs.get(name)
+            label = name if lr is None else f"{name} (lr={lr:.2g})"
+            (line,) = ax.plot(steps, q[1], label=label, lw=2 if lr is None else 1.3)
+            ax.fill_between(steps, q[0], q[2], color=line.get_color(), alpha=0.15)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (median, IQR band)")
+        ax.set_title(self.title)
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def compare(
+    tune_task: Task,
+    test_task: Task,
+    nets: dict[str, str | Path],
+    baselines: list[str],
+    steps: int,
+    title: str,
+) -> Curves:
+    """Tune each baseline's lr on ``tune_task``, then run every net and baseline on ``test_task``."""
+    losses: dict[str, Tensor] = {}
+    lrs: dict[str, float | None] = {}
+    tuning: dict[str, dict[float, float]] = {}
+    for name, source in nets.items():
+        losses[name] = run_rule(test_task, LSTMRule(load_net(source)), steps, TEST_SEED)
+        lrs[name] = None
+    for name in baselines:
+        make = BASELINES[name]
+        lrs[name], tuning[name] = tune_lr(tune_task, make, steps)
+        losses[name] = run_rule(test_task, make(lrs[name]), steps, TEST_SEED)
+    meta = {"tuning_scores": {k: {f"{lr:.3g}": s for lr, s in v.items()} for k, v in tuning.items()}}
+    return Curves(title, steps, losses, lrs, meta)

@@ -1,0 +1,95 @@
+"""Tasks are data: a batch of optimization problems with one functional loss, sampled from a family.
+
+A :class:`Task` holds ``num_tasks`` problems at once (a leading task dimension on every parameter), so the
+coordinatewise optimizer sees all of them as one batch of coordinates, and the loss returns one value per problem:
+each problem's gradient is its own, unscaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+
+__all__ = ["Task", "TaskFamily", "QuadraticTask", "QuadraticFamily", "FAMILIES", "get_family"]
+
+
+class Task(Protocol):
+    """A batch of ``num_tasks`` problems: initial parameters, a loss and a deterministic batch for every step."""
+
+    num_tasks: int
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        """Sample initial parameters (each with a leading dimension of ``num_tasks``)."""
+        ...
+
+    def loss(self, params: Params, batch: Any) -> Tensor:
+        """Return the ``(num_tasks,)`` losses of ``params`` on ``batch``."""
+        ...
+
+    def batch(self, step: int) -> Any:
+        """The batch used at optimization step ``step``; the same for every optimizer evaluated on this task."""
+        ...
+
+
+class TaskFamily(Protocol):
+    """A distribution over tasks."""
+
+    name: str
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> Task:
+        """Draw ``num_tasks`` problems as one batched :class:`Task`."""
+        ...
+
+
+class QuadraticTask:
+    """``f(theta) = ||W theta - y||^2`` for a batch of ``W (n, d, d)`` and ``y (n, d)`` (paper, Section 3.1)."""
+
+    def __init__(self, W: Tensor, y: Tensor, init_std: float = 0.01) -> None:
+        self.W, self.y, self.init_std = W, y, init_std
+        self.num_tasks = W.shape[0]
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        theta = torch.randn(self.y.shape, generator=generator, dtype=self.y.dtype) * self.init_std
+        return {"theta": theta.to(self.y.device)}
+
+    def loss(self, params: Params, batch: Any = None) -> Tensor:
+        residual = torch.einsum("nij,nj->ni", self.W, params["theta"]) - self.y
+        return (residual * residual).sum(dim=-1)
+
+    def batch(self, step: int) -> None:
+        return None
+
+
+class QuadraticFamily:
+    """10-dimensional random quadratics: ``W`` and ``y`` with i.i.d. N(0, 1) entries, ``theta_0 ~ N(0, 0.01^2)``.
+
+    Example:
+        >>> import torch
+        >>> task = QuadraticFamily().sample(4, torch.Generator().manual_seed(0))
+        >>> task.loss(task.init_params(torch.Generator().manual_seed(1))).shape
+        torch.Size([4])
+    """
+
+    name = "quadratic"
+
+    def __init__(self, dim: int = 10, init_std: float = 0.01, dtype: torch.dtype = torch.float32) -> None:
+        self.dim, self.init_std, self.dtype = dim, init_std, dtype
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> QuadraticTask:
+        W = torch.randn(num_tasks, self.dim, self.dim, generator=generator, dtype=self.dtype)
+        y = torch.randn(num_tasks, self.dim, generator=generator, dtype=self.dtype)
+        return QuadraticTask(W, y, self.init_std)
+
+
+FAMILIES: dict[str, Callable[[], TaskFamily]] = {"quadratic": QuadraticFamily}
+
+
+def get_family(name: str, **kwargs: Any) -> TaskFamily:
+    """Build a task family by name; an unknown name lists the known ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name](**kwargs)

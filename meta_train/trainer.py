@@ -1,0 +1,233 @@
+"""Meta-training of the LSTM optimizer by truncated backpropagation through unrolled optimization.
+
+An *iteration* samples a batch of tasks, optimizes them for ``horizon`` steps with the LSTM rule, and after
+every ``unroll`` steps back-propagates the truncation's meta-loss into the LSTM's weights (one Adam step of the
+meta-optimizer), carrying parameters and hidden state, detached, into the next truncation.
+
+Runs are reproducible and resumable: all randomness comes from generators whose state is checkpointed
+(atomically) with the net and the meta-optimizer, so a resumed run gives the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learnedopt import CoordinatewiseLSTM, LSTMConfig, LSTMRule, save_net, unroll
+from learnedopt.pretrained import atomic_save
+
+from .evaluate import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
+from .tasks import get_family
+
+__all__ = ["MetaTrainConfig", "MetaTrainer"]
+
+_RESUME_MUST_MATCH = ("task", "horizon", "unroll", "meta_batch", "hidden_size", "num_layers", "objective", "seed")
+
+
+@dataclass
+class MetaTrainConfig:
+    """Everything that defines a meta-training run (saved in every checkpoint)."""
+
+    task: str = "quadratic"
+    iterations: int = 300
+    horizon: int = 100
+    unroll: int = 20
+    meta_batch: int = 128
+    meta_lr: float = 3e-3
+    clip: float = 1.0
+    objective: str = "log"  # "sum": the paper's sum of losses; "log": sum of log-losses (weighs relative progress)
+    hidden_size: int = 20
+    num_layers: int = 2
+    output_scale: float = 0.1
+    eval_every: int = 25
+    eval_tasks: int = 256
+    eval_lengths: tuple[int, ...] = ()  # run lengths scored on held-out tasks; () means (horizon, 2 * horizon)
+    checkpoint_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.horizon % self.unroll:
+            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        if self.objective not in ("sum", "log"):
+            raise ValueError(f"objective must be 'sum' or 'log', got {self.objective!r}")
+        for name in ("iterations", "horizon", "unroll", "meta_batch", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MetaTrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class MetaTrainer:
+    """Meta-train a :class:`~learnedopt.CoordinatewiseLSTM` on a task family; writes ``net.pt`` to ``out``.
+
+    Files in ``out``: ``checkpoint.pt`` (resume point), ``net.pt`` (the net with the best held-out score, see
+    :meth:`evaluate`: selecting by meta-loss would favour early progress over the final loss),
+    ``last.pt`` (the latest net) and ``tb/`` (TensorBoard).
+
+    Example:
+        >>> cfg = MetaTrainConfig(iterations=2, horizon=20, unroll=10, meta_batch=8, eval_every=2, eval_tasks=8)
+        >>> net = MetaTrainer(cfg, out="/tmp/learnedopt-doctest", progress=False).train()
+    """
+
+    def __init__(self, config: MetaTrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True):
+        self.config = config
+        self.out = Path(out)
+        self.progress = progress
+        self.family = get_family(config.task)
+        torch.manual_seed(config.seed)
+        self.net = CoordinatewiseLSTM(
+            LSTMConfig(hidden_size=config.hidden_size, num_layers=config.num_layers, output_scale=config.output_scale)
+        )
+        self.meta_opt = torch.optim.Adam(self.net.parameters(), lr=config.meta_lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+        self.best_score = math.inf
+        self.adam_lrs: dict[int, float] = {}
+        self.history: list[dict[str, float]] = []
+        checkpoint = self.out / "checkpoint.pt"
+        if resume and checkpoint.is_file():
+            self._load(checkpoint)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        atomic_save(
+            {
+                "config": asdict(self.config),
+                "iteration": self.iteration,
+                "net": self.net.state_dict(),
+                "meta_opt": self.meta_opt.state_dict(),
+                "generator": self.generator.get_state(),
+                "best_score": self.best_score,
+                "adam_lrs": self.adam_lrs,
+                "history": self.history,
+            },
+            self.out / "checkpoint.pt",
+        )
+
+    def _load(self, path: Path) -> None:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"cannot resume: {path} is unreadable ({err}); delete it to start afresh") from err
+        saved = ckpt["config"]
+        mismatched = [k for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
+        if mismatched:
+            details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {getattr(self.config, k)!r}" for k in mismatched)
+            raise ValueError(f"cannot resume {path}: the run was started with other settings ({details})")
+        self.net.load_state_dict(ckpt["net"])
+        self.meta_opt.load_state_dict(ckpt["meta_opt"])
+        self.generator.set_state(ckpt["generator"])
+        self.iteration = ckpt["iteration"]
+        self.best_score = ckpt["best_score"]
+        self.adam_lrs = ckpt["adam_lrs"]
+        self.history = ckpt["history"]
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def meta_step(self) -> float:
+        """One iteration: sample tasks, unroll the horizon in truncations, one meta-update per truncation."""
+        cfg = self.config
+        task = self.family.sample(cfg.meta_batch, self.generator)
+        params, state = task.init_params(self.generator), None
+        rule = LSTMRule(self.net)
+        transform = torch.log if cfg.objective == "log" else None
+        total = 0.0
+        for start in range(0, cfg.horizon, cfg.unroll):
+            out = unroll(
+                task.loss,
+                params,
+                rule,
+                state,
+                cfg.unroll,
+                lambda t, start=start: task.batch(start + t),
+                transform=transform,
+            )
+            self.meta_opt.zero_grad()
+            out.meta_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip)
+            self.meta_opt.step()
+            params, state = out.detached()
+            total += out.meta_loss.item()
+        return total / (cfg.horizon // cfg.unroll)
+
+    def evaluate(self) -> dict[str, float]:
+        """Score the current net against tuned Adam on held-out tuning tasks.
+
+        For each run length L (the horizon and twice it, by default), the ratio of the net's median final loss
+        to that of Adam at its best learning rate for L. ``score``, the mean log-ratio, selects ``net.pt``: it
+        rewards the final loss, also beyond the horizon trained on, rather than the meta-loss.
+        """
+        cfg = self.config
+        lengths = cfg.eval_lengths or (cfg.horizon, 2 * cfg.horizon)
+        task = self.family.sample(cfg.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+        rule = LSTMRule(self.net)
+        scores: dict[str, float] = {}
+        log_ratios = []
+        for steps in lengths:
+            if steps not in self.adam_lrs:
+                self.adam_lrs[steps], _ = tune_lr(task, BASELINES["Adam"], steps)
+            lstm = final_score(run_rule(task, rule, steps, TUNE_SEED))
+            adam = final_score(run_rule(task, BASELINES["Adam"](self.adam_lrs[steps]), steps, TUNE_SEED))
+            scores[f"eval/lstm_final_loss@{steps}"] = lstm
+            scores[f"eval/ratio_to_adam@{steps}"] = lstm / adam
+            log_ratios.append(math.log(lstm / adam) if lstm > 0 and math.isfinite(lstm) else math.inf)
+        scores["eval/score"] = sum(log_ratios) / len(log_ratios)
+        return scores
+
+    def train(self) -> CoordinatewiseLSTM:
+        """Run (or continue) training up to ``config.iterations``; returns the selected net."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(self.out / "tb"))
+        bar = tqdm(
+            total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="meta-train", unit="it"
+        )
+        try:
+            while self.iteration < cfg.iterations:
+                started = time.perf_counter()
+                meta_loss = self.meta_step()
+                self.iteration += 1
+                writer.add_scalar("meta_loss", meta_loss, self.iteration)
+                writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
+                bar.set_postfix(meta_loss=f"{meta_loss:.3g}")
+                bar.update()
+                if self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations:
+                    scores = self.evaluate()
+                    for key, value in scores.items():
+                        writer.add_scalar(key, value, self.iteration)
+                    self.history.append({"iteration": self.iteration, "meta_loss": meta_loss, **scores})
+                    if scores["eval/score"] < self.best_score:
+                        self.best_score = scores["eval/score"]
+                        self._save_net("net.pt")
+                    bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{scores['eval/score']:.3f}")
+                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                    self._save_net("last.pt")
+                    self._save()
+        finally:
+            bar.close()
+            writer.close()
+        if not (self.out / "net.pt").is_file():
+            self._save_net("net.pt")
+        from learnedopt import load_net
+
+        return load_net(self.out / "net.pt")
+
+    def _save_net(self, name: str) -> None:
+        save_net(
+            self.net,
+            self.out / name,
+            task=self.config.task,
+            iteration=self.iteration,
+            best_held_out_score=self.best_score,
+            train_config=asdict(self.config),
+        )

@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def small_net():
+    """An untrained LSTM net with weights large enough that its updates are not negligible."""
+    from learnedopt import CoordinatewiseLSTM
+
+    torch.manual_seed(1)
+    return CoordinatewiseLSTM()

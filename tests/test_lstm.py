@@ -1,0 +1,72 @@
+import math
+
+import torch
+
+import learnedopt
+from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient
+
+
+def test_preprocessing_matches_hand_computed_values():
+    p = 10.0
+    e = math.exp(-p)
+    g = torch.tensor([1.0, -math.e, 2 * e, e / 2, -e / 4, 0.0], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [0.0, 1.0],  # log(1)/10, sign
+            [0.1, -1.0],  # log|-e|/10 = 0.1, negative sign
+            [math.log(2 * e) / p, 1.0],  # just above the threshold: log branch
+            [-1.0, 0.5],  # below the threshold: (-1, e^p g)
+            [-1.0, -0.25],
+            [-1.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(preprocess_gradient(g, p), expected)
+
+
+def test_preprocessing_second_derivative_is_finite_at_zero():
+    g = torch.tensor([0.0, 1e-8, 3.0], requires_grad=True)
+    (d,) = torch.autograd.grad(preprocess_gradient(g).sum(), g, create_graph=True)
+    assert torch.isfinite(d).all()
+
+
+def test_architecture_is_the_papers():
+    net = CoordinatewiseLSTM()
+    assert [c.input_size for c in net.cells] == [2, 20] and all(c.hidden_size == 20 for c in net.cells)
+    assert net.head.in_features == 20 and net.head.out_features == 1
+    # weights are shared across coordinates: the parameter count does not depend on the problem size
+    assert sum(p.numel() for p in net.parameters()) == 4 * 20 * (2 + 20 + 2) + 4 * 20 * (20 + 20 + 2) + 21
+
+
+def test_output_is_scaled_and_coordinatewise(small_net):
+    g = torch.randn(7)
+    state = small_net.initial_state(7)
+    full, _ = small_net(g, state)
+    one, _ = small_net(g[3:4], small_net.initial_state(1))
+    torch.testing.assert_close(full[3:4], one)  # each coordinate only sees its own gradient
+    scaled = CoordinatewiseLSTM(output_scale=1.0)
+    scaled.load_state_dict(small_net.state_dict())
+    torch.testing.assert_close(scaled(g, state)[0] * 0.1, full)
+
+
+def test_chunking_does_not_change_results(small_net):
+    g = [torch.randn(1000), torch.randn(3, 7)]
+    params = [torch.zeros_like(x) for x in g]
+    big, small = LSTMRule(small_net, chunk_size=10**6), LSTMRule(small_net, chunk_size=64)
+    u1, s1 = big.update(g, big.init(params), params)
+    u2, s2 = small.update(g, small.init(params), params)
+    for a, b in zip(u1 + [s["h"] for s in s1], u2 + [s["h"] for s in s2]):
+        torch.testing.assert_close(a, b)
+
+
+def test_nonfinite_gradients_are_skipped_and_counted(small_net):
+    rule = LSTMRule(small_net)
+    params = [torch.zeros(4)]
+    state = rule.init(params)
+    _, state = rule.update([torch.ones(4)], state, params)
+    g = torch.tensor([float("nan"), 1.0, float("inf"), -float("inf")])
+    (u,), (new,) = rule.update([g], state, params)
+    assert torch.isfinite(u).all() and u[0] == 0 and u[2] == 0 and u[3] == 0 and u[1] != 0
+    assert torch.equal(new["h"][:, [0, 2, 3]], state[0]["h"][:, [0, 2, 3]])
+    assert not torch.equal(new["h"][:, 1], state[0]["h"][:, 1])
+    assert int(new["nonfinite"]) == 3

@@ -1,0 +1,225 @@
+"""LearnedOptimizer behaves as a torch.optim.Optimizer and shares its math with the unroll engine."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import learnedopt
+from learnedopt import LearnedOptimizer
+
+
+def mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1)).to(dtype)
+
+
+def train(model, opt, steps, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(32, 10, generator=g).to(dtype)
+        y = x[:, :1] * 2 - x[:, 1:2]
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_is_a_torch_optimizer(small_net):
+    assert isinstance(LearnedOptimizer(mlp().parameters(), net=small_net), torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_state_dict_round_trip_continues_bit_identically(small_net, dtype):
+    model = mlp(dtype)
+    opt = LearnedOptimizer(model.parameters(), net=small_net)
+    train(model, opt, 5, seed=1, dtype=dtype)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train(model, opt, 5, seed=2, dtype=dtype)
+
+    resumed = mlp(dtype)
+    resumed.load_state_dict(saved_model)
+    opt2 = LearnedOptimizer(resumed.parameters(), net=copy.deepcopy(small_net))
+    opt2.load_state_dict(saved_opt)
+    for p in resumed.parameters():
+        assert opt2.state[p]["h"].dtype == torch.float32  # hidden state keeps its own dtype
+    train(resumed, opt2, 5, seed=2, dtype=dtype)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+def test_add_param_group_and_untouched_params(small_net):
+    model = mlp()
+    frozen = nn.Parameter(torch.ones(3))
+    extra = nn.Parameter(torch.ones(4))
+    opt = LearnedOptimizer(list(model.parameters()) + [frozen], net=small_net)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert opt.param_groups[1]["lr"] == 0.5
+    before = extra.detach().clone()
+    train(model, opt, 2)
+    extra.grad = torch.ones(4)
+    opt.step()
+    assert frozen.grad is None and torch.equal(frozen, torch.ones(3)) and len(opt.state[frozen]) == 0
+    assert not torch.equal(extra, before)
+
+
+def test_lr_multiplies_the_update_so_schedulers_work(small_net):
+    deltas = []
+    for factor in (1.0, 0.25):
+        model = mlp()
+        opt = LearnedOptimizer(model.parameters(), net=small_net)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch, f=factor: f)
+        before = [p.detach().clone() for p in model.parameters()]
+        train(model, opt, 1)
+        sched.step()
+        deltas.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    assert all(d.abs().sum() > 0 for d in deltas[0])
+    for full, quarter in zip(*deltas):
+        torch.testing.assert_close(quarter, 0.25 * full)
+
+
+def test_closure_loss_is_returned(small_net):
+    model = mlp()
+    opt = LearnedOptimizer(model.parameters(), net=small_net)
+    x, y = torch.randn(8, 10), torch.randn(8, 1)
+    computed = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        computed.append(loss)
+        return loss
+
+    assert opt.step(closure) is computed[0]
+
+
+def test_small_cnn_with_mixed_shapes_trains_with_packaged_net():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)
+    )
+    x = torch.randn(64, 1, 8, 8)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    opt = LearnedOptimizer(model.parameters())
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    for p in model.parameters():
+        assert opt.state[p]["h"].shape == (2, p.numel(), 20)
+
+
+def test_float64_parameters(small_net):
+    model = mlp(torch.float64)
+    opt = LearnedOptimizer(model.parameters(), net=small_net)
+    train(model, opt, 3, dtype=torch.float64)
+    for p in model.parameters():
+        assert p.dtype == torch.float64 and opt.state[p]["h"].dtype == torch.float32
+
+
+def test_state_dtype_option(small_net):
+    model = mlp()
+    opt = LearnedOptimizer(model.parameters(), net=small_net, state_dtype=torch.bfloat16)
+    train(model, opt, 2)
+    assert all(opt.state[p]["h"].dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_step_and_unroll_engine_give_identical_updates(small_net):
+    """One core: the optimizer's in-place step and the differentiable engine run the same math."""
+    model = mlp()
+    engine_params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    batches = [(torch.randn(16, 10), torch.randn(16, 1)) for _ in range(4)]
+    opt = LearnedOptimizer(model.parameters(), net=small_net)
+    for x, y in batches[:3]:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    loss_fn = learnedopt.module_loss(model, nn.functional.mse_loss)
+    rule = learnedopt.LSTMRule(small_net)
+    out = learnedopt.unroll(loss_fn, engine_params, rule, None, 3, lambda t: batches[t])
+    for name, p in model.named_parameters():
+        assert torch.equal(out.params[name].detach(), p.detach()), name
+        assert torch.equal(out.state[list(engine_params).index(name)]["h"].detach(), opt.state[p]["h"])
+
+
+def test_nan_gradient_never_reaches_params_or_state(small_net):
+    model = mlp()
+    opt = LearnedOptimizer(model.parameters(), net=small_net)
+    train(model, opt, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+        p.grad.view(-1)[0] = 1.0
+    opt.step()
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+        assert torch.isfinite(opt.state[p]["h"]).all() and torch.isfinite(opt.state[p]["c"]).all()
+        assert int(opt.state[p]["nonfinite"]) == p.numel() - 1
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf")])
+def test_bad_lr_is_a_value_error(small_net, lr):
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        LearnedOptimizer(mlp().parameters(), net=small_net, lr=lr)
+    opt = LearnedOptimizer(mlp().parameters(), net=small_net)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(1))], "lr": lr})
+
+
+@pytest.mark.parametrize(
+    "tensor", [torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.complex64)], ids=["int", "complex"]
+)
+def test_non_real_parameters_are_a_type_error_naming_the_parameter(small_net, tensor):
+    with pytest.raises(TypeError, match="parameter 1 of param group 0"):
+        LearnedOptimizer([nn.Parameter(torch.ones(2)), tensor], net=small_net)
+
+
+def test_named_parameters_appear_in_the_error(small_net):
+    if torch.torch_version.TorchVersion(torch.__version__) < "2.6":
+        pytest.skip("named parameters in optimizers need torch >= 2.6")
+    params = [("weight", nn.Parameter(torch.ones(2))), ("counts", torch.ones(2, dtype=torch.int32))]
+    with pytest.raises(TypeError, match="counts"):
+        LearnedOptimizer(params, net=small_net)
+
+
+def test_sparse_parameters_and_gradients_are_a_type_error(small_net):
+    with pytest.raises(TypeError, match="sparse"):
+        LearnedOptimizer([torch.ones(3).to_sparse()], net=small_net)
+    p = nn.Parameter(torch.ones(3))
+    opt = LearnedOptimizer([p], net=small_net)
+    p.grad = torch.ones(3).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+
+
+def test_bad_net_argument(tmp_path):
+    with pytest.raises(ValueError, match="quadratic-lstm"):
+        LearnedOptimizer([nn.Parameter(torch.ones(1))], net="no-such-net")
+    with pytest.raises(TypeError, match="net must be"):
+        LearnedOptimizer([nn.Parameter(torch.ones(1))], net=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_matches_cpu(small_net):
+    cpu = mlp()
+    gpu = copy.deepcopy(cpu).cuda()
+    opt_cpu = LearnedOptimizer(cpu.parameters(), net=small_net)
+    opt_gpu = LearnedOptimizer(gpu.parameters(), net=small_net)
+    for step in range(5):
+        x, y = torch.randn(16, 10), torch.randn(16, 1)
+        for model, opt, dev in ((cpu, opt_cpu, "cpu"), (gpu, opt_gpu, "cuda")):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x.to(dev)), y.to(dev)).backward()
+            opt.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        assert b.is_cuda and opt_gpu.state[b]["h"].is_cuda
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
