@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LSTMConfig, LSTMRule, save_net, unroll
+from learnedopt import CoordinatewiseLSTM, LSTMConfig, LSTMRule, load_net, save_net, unroll
 from learnedopt.pretrained import atomic_save
 
 from .evaluate import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
@@ -218,8 +218,6 @@ class MetaTrainer:
             writer.close()
         if not (self.out / "net.pt").is_file():
             self._save_net("net.pt")
-        from learnedopt import load_net
-
         return load_net(self.out / "net.pt")
 
     def _save_net(self, name: str) -> None:

@@ -1,0 +1,130 @@
+"""The ``learnedopt`` command line: meta-train, demo, benchmark, pretrained."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="learnedopt",
+        description="Learned optimizers in PyTorch: meta-train an LSTM optimizer, benchmark it, use it anywhere.",
+    )
+    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mt = sub.add_parser("meta-train", help="meta-train an LSTM optimizer by truncated BPTT; writes OUT/net.pt")
+    mt.add_argument("--task", default="quadratic", help="task family (default: quadratic)")
+    mt.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, net.pt, TensorBoard logs")
+    mt.add_argument("--iterations", type=_positive, default=300, help="meta-iterations (each: one horizon)")
+    mt.add_argument("--horizon", type=_positive, default=100, help="optimization steps per sampled task batch")
+    mt.add_argument("--unroll", type=_positive, default=20, help="truncation length: steps per meta-update")
+    mt.add_argument("--meta-batch", type=_positive, default=128, help="tasks per meta-iteration")
+    mt.add_argument("--meta-lr", type=float, default=3e-3, help="Adam learning rate of the meta-optimizer")
+    mt.add_argument("--objective", choices=["sum", "log"], default="log",
+                    help="meta-loss: the paper's sum of losses, or the sum of log-losses (default)")
+    mt.add_argument("--eval-every", type=_positive, default=25, help="held-out evaluation period (iterations)")
+    mt.add_argument("--checkpoint-every", type=_positive, default=25, help="checkpoint period (iterations)")
+    mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    demo = sub.add_parser("demo", help="meta-train on quadratics (~2 min), compare with tuned Adam/SGD, plot")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--iterations", type=_positive, default=200)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+
+    bench = sub.add_parser("benchmark", help="compare nets with Adam/SGD/RMSprop/NAG at tuned learning rates")
+    bench.add_argument("--task", default="quadratic")
+    bench.add_argument("--net", action="append", default=None,
+                       help="packaged name, net.pt or run folder (repeatable; default: the packaged default)")
+    bench.add_argument("--steps", type=_positive, default=100)
+    bench.add_argument("--tasks", type=_positive, default=1000, help="held-out tasks to report on")
+    bench.add_argument("--baselines", default="Adam,SGD,RMSprop,NAG", help="comma-separated")
+    bench.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    bench.add_argument("--name", default=None, help="report file stem (default: TASK-STEPS)")
+    bench.add_argument("--plot-only", action="store_true", help="re-render the table and PNG from the JSON")
+
+    sub.add_parser("pretrained", help="list the packaged nets and what they were trained on")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "learnedopt " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(args, command)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"learnedopt: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, command: str) -> int:
+    if args.command == "pretrained":
+        from learnedopt import list_pretrained, net_info
+
+        for name in list_pretrained():
+            info = net_info(name)
+            print(f"{name}: trained on {info.get('task', '?')} for {info.get('iteration', '?')} iterations")
+        return 0
+    if args.command == "meta-train":
+        from meta_train.trainer import MetaTrainConfig, MetaTrainer
+
+        config = MetaTrainConfig(
+            task=args.task,
+            iterations=args.iterations,
+            horizon=args.horizon,
+            unroll=args.unroll,
+            meta_batch=args.meta_batch,
+            meta_lr=args.meta_lr,
+            objective=args.objective,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            seed=args.seed,
+        )
+        trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
+        trainer.train()
+        print(f"wrote {args.out / 'net.pt'} (use: LearnedOptimizer(params, net={str(args.out / 'net.pt')!r}))")
+        return 0
+    if args.command == "demo":
+        from meta_train.reports import demo
+
+        print(demo(args.out, args.iterations, args.seed, not args.no_progress, command))
+        print(f"\nwrote {args.out / 'demo.png'}, {args.out / 'demo.md'}")
+        return 0
+    if args.command == "benchmark":
+        from learnedopt import DEFAULT_NET
+        from meta_train.evaluate import BASELINES
+        from meta_train.reports import benchmark
+
+        baselines = [b for b in args.baselines.split(",") if b]
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; choose from {', '.join(BASELINES)}")
+        name = args.name or f"{args.task}-{args.steps}"
+        nets = args.net or [DEFAULT_NET]
+        print(benchmark(args.task, nets, args.steps, args.tasks, baselines, args.out, name, command, args.plot_only))
+        print(f"\nwrote {args.out / (name + '.md')}, .json, .png")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Command-level workflows behind ``learnedopt demo`` and ``learnedopt benchmark``: run, then write reports."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .evaluate import TEST_SEED, TUNE_SEED, Curves, compare
+from .tasks import get_family
+from .trainer import MetaTrainConfig, MetaTrainer
+
+__all__ = ["benchmark", "demo", "hardware"]
+
+
+def hardware() -> str:
+    """A one-line description of where a number was measured."""
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {sys.version.split()[0]}"
+
+
+def _write(curves: Curves, out: Path, name: str, reference: str = "Adam") -> str:
+    curves.save_json(out / f"{name}.json")
+    curves.plot(out / f"{name}.png")
+    table = curves.markdown(reference)
+    command = curves.meta.get("command", "")
+    (out / f"{name}.md").write_text(
+        f"# {curves.title}\n\nCommand: `{command}`\n\nHardware: {curves.meta.get('hardware', '')}\n\n{table}\n\n"
+        f"![loss curves]({name}.png)\n"
+    )
+    return table
+
+
+def benchmark(
+    task: str,
+    nets: list[str],
+    steps: int,
+    num_tasks: int,
+    baselines: list[str],
+    out: Path,
+    name: str,
+    command: str,
+    plot_only: bool = False,
+) -> str:
+    """Compare nets with tuned baselines on ``num_tasks`` held-out tasks; write ``name``.{md,json,png}."""
+    out.mkdir(parents=True, exist_ok=True)
+    if plot_only:
+        path = out / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--plot-only needs {path}; run the benchmark once without --plot-only first")
+        return _write(Curves.load_json(path), out, name)
+    family = get_family(task)
+    tune_task = family.sample(max(256, num_tasks // 4), torch.Generator().manual_seed(TUNE_SEED))
+    test_task = family.sample(num_tasks, torch.Generator().manual_seed(TEST_SEED))
+    started = time.perf_counter()
+    curves = compare(
+        tune_task, test_task, {n: n for n in nets}, baselines, steps, f"{task}: {num_tasks} held-out tasks, {steps} steps"
+    )
+    curves.meta.update(command=command, hardware=hardware(), seconds=round(time.perf_counter() - started, 1))
+    _log_tensorboard(curves, out / "tb" / name)
+    return _write(curves, out, name)
+
+
+def _log_tensorboard(curves: Curves, logdir: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as writer:
+        for opt_name, losses in curves.losses.items():
+            median = losses.double().nan_to_num(nan=float("inf")).median(dim=1).values
+            for step, value in enumerate(median.tolist()):
+                writer.add_scalar(f"median_loss/{opt_name}", value, step)
+
+
+def demo(out: Path, iterations: int, seed: int, progress: bool, command: str) -> str:
+    """Meta-train a quadratic optimizer briefly, then compare it with tuned Adam and SGD on held-out tasks."""
+    started = time.perf_counter()
+    config = MetaTrainConfig(task="quadratic", iterations=iterations, objective="sum", seed=seed, eval_every=50)
+    MetaTrainer(config, out / "run", progress=progress).train()
+    trained = time.perf_counter() - started
+    family = get_family("quadratic")
+    tune_task = family.sample(256, torch.Generator().manual_seed(TUNE_SEED))
+    test_task = family.sample(1000, torch.Generator().manual_seed(TEST_SEED))
+    curves = compare(
+        tune_task,
+        test_task,
+        {"LSTM (this demo)": str(out / "run" / "net.pt")},
+        ["Adam", "SGD"],
+        100,
+        "Held-out 10-d quadratics (1000 tasks)",
+    )
+    curves.meta.update(command=command, hardware=hardware(), meta_train_seconds=round(trained, 1))
+    table = _write(curves, out, "demo")
+    (out / "summary.json").write_text(json.dumps(curves.summary(), indent=2))
+    return table

@@ -1,0 +1,98 @@
+"""Meta-training learns, resumes exactly, and refuses to mix runs."""
+
+import pytest
+import torch
+
+from learnedopt import LSTMRule, load_net
+from meta_train.evaluate import BASELINES, TEST_SEED, TUNE_SEED, final_score, run_rule, tune_lr
+from meta_train.tasks import QuadraticFamily, get_family
+from meta_train.trainer import MetaTrainConfig, MetaTrainer
+
+
+def tiny_config(**overrides):
+    values = dict(iterations=4, horizon=20, unroll=10, meta_batch=8, eval_every=2, eval_tasks=16, checkpoint_every=1)
+    return MetaTrainConfig(**{**values, **overrides})
+
+
+def test_short_meta_training_beats_untrained_net_and_tuned_sgd(tmp_path):
+    config = MetaTrainConfig(
+        iterations=60, meta_batch=64, objective="sum", eval_every=60, eval_tasks=64, eval_lengths=(100,), seed=0
+    )
+    trainer = MetaTrainer(config, tmp_path, progress=False)
+    untrained = load_net(_save_untrained(trainer, tmp_path))
+    trained = trainer.train()
+
+    family = QuadraticFamily()
+    test = family.sample(500, torch.Generator().manual_seed(TEST_SEED))
+    tune = family.sample(256, torch.Generator().manual_seed(TUNE_SEED))
+    sgd_lr, _ = tune_lr(tune, BASELINES["SGD"], 100)
+    trained_score = final_score(run_rule(test, LSTMRule(trained), 100, TEST_SEED))
+    untrained_score = final_score(run_rule(test, LSTMRule(untrained), 100, TEST_SEED))
+    sgd_score = final_score(run_rule(test, BASELINES["SGD"](sgd_lr), 100, TEST_SEED))
+    assert trained_score < untrained_score
+    assert trained_score < sgd_score
+
+
+def _save_untrained(trainer, tmp_path):
+    from learnedopt import save_net
+
+    return save_net(trainer.net, tmp_path / "untrained.pt")
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
+    full = MetaTrainer(tiny_config(), tmp_path / "full", progress=False)
+    full.train()
+
+    calls = {"n": 0}
+    original = MetaTrainer.meta_step
+
+    def crashing(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(MetaTrainer, "meta_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        MetaTrainer(tiny_config(), tmp_path / "cut", progress=False).train()
+    monkeypatch.setattr(MetaTrainer, "meta_step", original)
+    resumed = MetaTrainer(tiny_config(), tmp_path / "cut", resume=True, progress=False)
+    assert resumed.iteration == 2
+    resumed.train()
+    for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full.history == resumed.history
+    assert (tmp_path / "cut" / "net.pt").is_file()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    MetaTrainer(tiny_config(iterations=1), tmp_path, progress=False).train()
+    with pytest.raises(ValueError, match="horizon"):
+        MetaTrainer(tiny_config(horizon=40), tmp_path, resume=True, progress=False)
+
+
+def test_same_seed_same_net_other_seed_other_net(tmp_path):
+    nets = [
+        MetaTrainer(tiny_config(iterations=2, seed=s), tmp_path / f"{i}", progress=False).train()
+        for i, s in enumerate((0, 0, 1))
+    ]
+    p = [torch.cat([t.reshape(-1) for t in n.state_dict().values()]) for n in nets]
+    assert torch.equal(p[0], p[1]) and not torch.equal(p[0], p[2])
+
+
+def test_bad_configs_and_unknown_task():
+    with pytest.raises(ValueError, match="multiple of unroll"):
+        MetaTrainConfig(horizon=100, unroll=30)
+    with pytest.raises(ValueError, match="quadratic"):
+        get_family("nope")
+
+
+def test_quadratic_family_matches_its_definition():
+    task = QuadraticFamily().sample(3, torch.Generator().manual_seed(0))
+    theta = torch.randn(3, 10)
+    expected = torch.stack([((task.W[i] @ theta[i] - task.y[i]) ** 2).sum() for i in range(3)])
+    torch.testing.assert_close(task.loss({"theta": theta}), expected)
+    # each task's gradient is its own: the batched loss does not average tasks
+    theta.requires_grad_()
+    (g,) = torch.autograd.grad(task.loss({"theta": theta}).sum(), theta)
+    torch.testing.assert_close(g[1], 2 * task.W[1].T @ (task.W[1] @ theta[1] - task.y[1]))
