@@ -31,13 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--iterations", type=_positive, default=300, help="meta-iterations (each: one horizon)")
     mt.add_argument("--horizon", type=_positive, default=100, help="optimization steps per sampled task batch")
     mt.add_argument("--unroll", type=_positive, default=20, help="truncation length: steps per meta-update")
-    mt.add_argument("--meta-batch", type=_positive, default=128, help="tasks per meta-iteration")
+    mt.add_argument("--meta-batch", type=int, default=0, help="tasks per meta-iteration (0: the task's default)")
     mt.add_argument("--meta-lr", type=float, default=3e-3, help="Adam learning rate of the meta-optimizer")
     mt.add_argument("--objective", choices=["sum", "log"], default="log",
                     help="meta-loss: the paper's sum of losses, or the sum of log-losses (default)")
     mt.add_argument("--eval-every", type=_positive, default=25, help="held-out evaluation period (iterations)")
     mt.add_argument("--checkpoint-every", type=_positive, default=25, help="checkpoint period (iterations)")
     mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    mt.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
     mt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     bench.add_argument("--name", default=None, help="report file stem (default: TASK-STEPS)")
     bench.add_argument("--plot-only", action="store_true", help="re-render the table and PNG from the JSON")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
 
     sub.add_parser("pretrained", help="list the packaged nets and what they were trained on")
     return parser
@@ -68,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.command == "demo":
+        torch.set_num_threads(1)  # 10-d quadratics are tiny: extra threads only add synchronization
     command = "learnedopt " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(args, command)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # includes DataNotFoundError
         print(f"learnedopt: error: {err}", file=sys.stderr)
         return 2
 
@@ -98,6 +104,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             seed=args.seed,
+            device=args.device,
+            data_dir=args.data_dir,
         )
         trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
         trainer.train()
@@ -120,7 +128,12 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             raise ValueError(f"unknown baselines {unknown}; choose from {', '.join(BASELINES)}")
         name = args.name or f"{args.task}-{args.steps}"
         nets = args.net or [DEFAULT_NET]
-        print(benchmark(args.task, nets, args.steps, args.tasks, baselines, args.out, name, command, args.plot_only))
+        print(
+            benchmark(
+                args.task, nets, args.steps, args.tasks, baselines, args.out, name, command,
+                plot_only=args.plot_only, data_dir=args.data_dir, device=args.device,
+            )
+        )
         print(f"\nwrote {args.out / (name + '.md')}, .json, .png")
         return 0
     raise AssertionError(args.command)

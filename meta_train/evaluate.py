@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from learnedopt import LSTMRule, UpdateRule, adam, load_net, rmsprop, sgd, unroll
+from learnedopt import LSTMRule, UnrollResult, UpdateRule, adam, load_net, rmsprop, sgd, unroll
 
 from .tasks import Task
 
@@ -46,11 +46,14 @@ BASELINES: dict[str, Callable[[float], UpdateRule]] = {
 }
 
 
-def run_rule(task: Task, rule: UpdateRule, steps: int, init_seed: int) -> Tensor:
-    """Losses ``(steps + 1, num_tasks)`` of ``rule`` on ``task`` from initial parameters drawn with ``init_seed``."""
+def run_rule(task: Task, rule: UpdateRule, steps: int, init_seed: int) -> UnrollResult:
+    """Run ``rule`` on ``task`` from initial parameters drawn with ``init_seed``, without meta-gradients.
+
+    ``.losses`` is ``(steps + 1, num_tasks)``; ``.params`` the final parameters.
+    """
     params = task.init_params(torch.Generator().manual_seed(init_seed))
     with torch.no_grad():
-        return unroll(task.loss, params, rule, None, steps, task.batch).losses
+        return unroll(task.loss, params, rule, None, steps, task.batch)
 
 
 def final_score(losses: Tensor) -> float:
@@ -67,7 +70,7 @@ def tune_lr(
     init_seed: int = TUNE_SEED,
 ) -> tuple[float, dict[float, float]]:
     """Return the grid learning rate with the lowest median final loss on ``task``, and every score."""
-    scores = {lr: final_score(run_rule(task, make_rule(lr), steps, init_seed)) for lr in grid}
+    scores = {lr: final_score(run_rule(task, make_rule(lr), steps, init_seed).losses) for lr in grid}
     best = min(scores, key=lambda lr: (scores[lr], lr))
     return best, scores
 
@@ -80,6 +83,7 @@ class Curves:
     steps: int
     losses: dict[str, Tensor]  # name -> (steps + 1, num_tasks)
     lrs: dict[str, float | None] = field(default_factory=dict)
+    accuracy: dict[str, Tensor] = field(default_factory=dict)  # name -> (num_tasks,) test accuracy at the end
     meta: dict[str, object] = field(default_factory=dict)
 
     def summary(self, reference: str = "Adam") -> list[dict[str, object]]:
@@ -97,6 +101,8 @@ class Curves:
                 "geomean": float(final.clamp_min(1e-30).log().mean().exp()),
                 "diverged": int((~torch.isfinite(final)).sum()),
             }
+            if name in self.accuracy:
+                row["test_accuracy"] = float(self.accuracy[name].double().mean())
             if ref is not None:
                 row["median_ratio"] = row["median"] / float(ref.median())
                 row["geomean_ratio"] = row["geomean"] / float(ref.clamp_min(1e-30).log().mean().exp())
@@ -106,17 +112,19 @@ class Curves:
 
     def markdown(self, reference: str = "Adam") -> str:
         """A markdown table of :meth:`summary`."""
+        acc = bool(self.accuracy)
         head = (
             f"| optimizer | lr | median final loss | mean ± std | geo-mean | median / {reference} "
-            f"| geo-mean / {reference} | mean / {reference} |"
+            f"| geo-mean / {reference} | mean / {reference} |" + (" test accuracy |" if acc else "")
         )
-        lines = [head, "|---|---|---|---|---|---|---|---|"]
+        lines = [head, "|---" * (9 if acc else 8) + "|"]
         for r in self.summary(reference):
             lr = "—" if r["lr"] is None else f"{r['lr']:.3g}"
             lines.append(
                 f"| {r['optimizer']} | {lr} | {r['median']:.3g} | {r['mean']:.3g} ± {r['std']:.2g} "
                 f"| {r['geomean']:.3g} | {r.get('median_ratio', float('nan')):.3f} "
                 f"| {r.get('geomean_ratio', float('nan')):.3f} | {r.get('mean_ratio', float('nan')):.3f} |"
+                + (f" {100 * r['test_accuracy']:.2f}% |" if acc else "")
             )
         return "\n".join(lines)
 
@@ -127,6 +135,7 @@ class Curves:
             "lrs": self.lrs,
             "meta": self.meta,
             "losses": {k: v.tolist() for k, v in self.losses.items()},
+            "accuracy": {k: v.tolist() for k, v in self.accuracy.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload))
@@ -135,7 +144,8 @@ class Curves:
     def load_json(cls, path: Path) -> "Curves":
         payload = json.loads(Path(path).read_text())
         losses = {k: torch.tensor(v, dtype=torch.float64) for k, v in payload["losses"].items()}
-        return cls(payload["title"], payload["steps"], losses, payload["lrs"], payload.get("meta", {}))
+        accuracy = {k: torch.tensor(v, dtype=torch.float64) for k, v in payload.get("accuracy", {}).items()}
+        return cls(payload["title"], payload["steps"], losses, payload["lrs"], accuracy, payload.get("meta", {}))
 
     def plot(self, path: Path) -> None:
         """Median loss per step with an interquartile band, log-scale y."""
@@ -173,16 +183,24 @@ def compare(
     steps: int,
     title: str,
 ) -> Curves:
-    """Tune each baseline's lr on ``tune_task``, then run every net and baseline on ``test_task``."""
-    losses: dict[str, Tensor] = {}
-    lrs: dict[str, float | None] = {}
+    """Tune each baseline's lr on ``tune_task``, then run every net and baseline on ``test_task``.
+
+    Where the task can score test accuracy (``test_task.test_accuracy(params)``), it is recorded too.
+    """
+    curves = Curves(title, steps, {})
     tuning: dict[str, dict[float, float]] = {}
+    rules: dict[str, UpdateRule] = {}
     for name, source in nets.items():
-        losses[name] = run_rule(test_task, LSTMRule(load_net(source)), steps, TEST_SEED)
-        lrs[name] = None
+        rules[name] = LSTMRule(load_net(source).to(test_task.device))
+        curves.lrs[name] = None
     for name in baselines:
         make = BASELINES[name]
-        lrs[name], tuning[name] = tune_lr(tune_task, make, steps)
-        losses[name] = run_rule(test_task, make(lrs[name]), steps, TEST_SEED)
-    meta = {"tuning_scores": {k: {f"{lr:.3g}": s for lr, s in v.items()} for k, v in tuning.items()}}
-    return Curves(title, steps, losses, lrs, meta)
+        lr, tuning[name] = tune_lr(tune_task, make, steps)
+        rules[name], curves.lrs[name] = make(lr), lr
+    for name, rule in rules.items():
+        result = run_rule(test_task, rule, steps, TEST_SEED)
+        curves.losses[name] = result.losses.cpu()
+        if hasattr(test_task, "test_accuracy"):
+            curves.accuracy[name] = test_task.test_accuracy(result.params)
+    curves.meta["tuning_scores"] = {k: {f"{lr:.3g}": s for lr, s in v.items()} for k, v in tuning.items()}
+    return curves

@@ -45,6 +45,8 @@ def benchmark(
     name: str,
     command: str,
     plot_only: bool = False,
+    data_dir: str | None = None,
+    device: str = "cpu",
 ) -> str:
     """Compare nets with tuned baselines on ``num_tasks`` held-out tasks; write ``name``.{md,json,png}."""
     out.mkdir(parents=True, exist_ok=True)
@@ -53,8 +55,8 @@ def benchmark(
         if not path.is_file():
             raise FileNotFoundError(f"--plot-only needs {path}; run the benchmark once without --plot-only first")
         return _write(Curves.load_json(path), out, name)
-    family = get_family(task)
-    tune_task = family.sample(max(256, num_tasks // 4), torch.Generator().manual_seed(TUNE_SEED))
+    family = get_family(task, data_dir, device)
+    tune_task = family.sample(max(family.default_eval_tasks, num_tasks // 4), torch.Generator().manual_seed(TUNE_SEED))
     test_task = family.sample(num_tasks, torch.Generator().manual_seed(TEST_SEED))
     started = time.perf_counter()
     curves = compare(

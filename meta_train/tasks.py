@@ -21,6 +21,7 @@ class Task(Protocol):
     """A batch of ``num_tasks`` problems: initial parameters, a loss and a deterministic batch for every step."""
 
     num_tasks: int
+    device: torch.device
 
     def init_params(self, generator: torch.Generator) -> Params:
         """Sample initial parameters (each with a leading dimension of ``num_tasks``)."""
@@ -36,12 +37,18 @@ class Task(Protocol):
 
 
 class TaskFamily(Protocol):
-    """A distribution over tasks."""
+    """A distribution over tasks, with the batch sizes that suit it."""
 
     name: str
+    default_meta_batch: int
+    default_eval_tasks: int
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> Task:
         """Draw ``num_tasks`` problems as one batched :class:`Task`."""
+        ...
+
+    def components(self) -> list["TaskFamily"]:
+        """The families scored separately on held-out tasks: ``[self]``, or a mixture's members."""
         ...
 
 
@@ -51,10 +58,11 @@ class QuadraticTask:
     def __init__(self, W: Tensor, y: Tensor, init_std: float = 0.01) -> None:
         self.W, self.y, self.init_std = W, y, init_std
         self.num_tasks = W.shape[0]
+        self.device = W.device
 
     def init_params(self, generator: torch.Generator) -> Params:
         theta = torch.randn(self.y.shape, generator=generator, dtype=self.y.dtype) * self.init_std
-        return {"theta": theta.to(self.y.device)}
+        return {"theta": theta.to(self.device)}
 
     def loss(self, params: Params, batch: Any = None) -> Tensor:
         residual = torch.einsum("nij,nj->ni", self.W, params["theta"]) - self.y
@@ -75,21 +83,47 @@ class QuadraticFamily:
     """
 
     name = "quadratic"
+    default_meta_batch = 128
+    default_eval_tasks = 256
 
-    def __init__(self, dim: int = 10, init_std: float = 0.01, dtype: torch.dtype = torch.float32) -> None:
-        self.dim, self.init_std, self.dtype = dim, init_std, dtype
+    def __init__(
+        self, dim: int = 10, init_std: float = 0.01, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> None:
+        self.dim, self.init_std, self.dtype, self.device = dim, init_std, dtype, torch.device(device)
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> QuadraticTask:
         W = torch.randn(num_tasks, self.dim, self.dim, generator=generator, dtype=self.dtype)
         y = torch.randn(num_tasks, self.dim, generator=generator, dtype=self.dtype)
-        return QuadraticTask(W, y, self.init_std)
+        return QuadraticTask(W.to(self.device), y.to(self.device), self.init_std)
+
+    def components(self) -> list["QuadraticFamily"]:
+        return [self]
 
 
-FAMILIES: dict[str, Callable[[], TaskFamily]] = {"quadratic": QuadraticFamily}
+def _mnist_family(variant: str) -> Callable[..., TaskFamily]:
+    def build(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
+        from .mnist import MNISTFamily
+
+        return MNISTFamily(variant, data_dir, device=device)
+
+    return build
 
 
-def get_family(name: str, **kwargs: Any) -> TaskFamily:
-    """Build a task family by name; an unknown name lists the known ones."""
+def _mnist_mixture(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
+    from .mnist import MNISTMixture
+
+    return MNISTMixture(("mnist-mlp", "mnist-mlp-relu"), data_dir, device=device)
+
+
+FAMILIES: dict[str, Callable[..., TaskFamily]] = {
+    "quadratic": lambda data_dir=None, device="cpu": QuadraticFamily(device=device),
+    **{v: _mnist_family(v) for v in ("mnist-mlp", "mnist-mlp-40", "mnist-mlp-2layer", "mnist-mlp-relu", "mnist-conv")},
+    "mnist-mix": _mnist_mixture,
+}
+
+
+def get_family(name: str, data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
+    """Build a task family by name (``--task``); an unknown name lists the known ones."""
     if name not in FAMILIES:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name](**kwargs)
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(FAMILIES)}")
+    return FAMILIES[name](data_dir=data_dir, device=device)

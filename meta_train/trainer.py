@@ -37,7 +37,7 @@ class MetaTrainConfig:
     iterations: int = 300
     horizon: int = 100
     unroll: int = 20
-    meta_batch: int = 128
+    meta_batch: int = 0  # 0: the task family's default (128 quadratics, 8 MNIST networks)
     meta_lr: float = 3e-3
     clip: float = 1.0
     objective: str = "log"  # "sum": the paper's sum of losses; "log": sum of log-losses (weighs relative progress)
@@ -45,19 +45,24 @@ class MetaTrainConfig:
     num_layers: int = 2
     output_scale: float = 0.1
     eval_every: int = 25
-    eval_tasks: int = 256
+    eval_tasks: int = 0  # 0: the task family's default
     eval_lengths: tuple[int, ...] = ()  # run lengths scored on held-out tasks; () means (horizon, 2 * horizon)
     checkpoint_every: int = 25
     seed: int = 0
+    device: str = "cpu"
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         if self.objective not in ("sum", "log"):
             raise ValueError(f"objective must be 'sum' or 'log', got {self.objective!r}")
-        for name in ("iterations", "horizon", "unroll", "meta_batch", "eval_every", "checkpoint_every"):
+        for name in ("iterations", "horizon", "unroll", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("meta_batch", "eval_tasks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: the task's default), got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MetaTrainConfig":
@@ -81,16 +86,20 @@ class MetaTrainer:
         self.config = config
         self.out = Path(out)
         self.progress = progress
-        self.family = get_family(config.task)
+        self.family = get_family(config.task, config.data_dir, config.device)
+        if not config.meta_batch:
+            config.meta_batch = self.family.default_meta_batch
+        if not config.eval_tasks:
+            config.eval_tasks = self.family.default_eval_tasks
         torch.manual_seed(config.seed)
         self.net = CoordinatewiseLSTM(
             LSTMConfig(hidden_size=config.hidden_size, num_layers=config.num_layers, output_scale=config.output_scale)
-        )
+        ).to(config.device)
         self.meta_opt = torch.optim.Adam(self.net.parameters(), lr=config.meta_lr)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
         self.best_score = math.inf
-        self.adam_lrs: dict[int, float] = {}
+        self.adam_lrs: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         checkpoint = self.out / "checkpoint.pt"
         if resume and checkpoint.is_file():
@@ -123,6 +132,7 @@ class MetaTrainer:
             details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {getattr(self.config, k)!r}" for k in mismatched)
             raise ValueError(f"cannot resume {path}: the run was started with other settings ({details})")
         self.net.load_state_dict(ckpt["net"])
+        self.net.to(self.config.device)
         self.meta_opt.load_state_dict(ckpt["meta_opt"])
         self.generator.set_state(ckpt["generator"])
         self.iteration = ckpt["iteration"]
@@ -160,24 +170,27 @@ class MetaTrainer:
     def evaluate(self) -> dict[str, float]:
         """Score the current net against tuned Adam on held-out tuning tasks.
 
-        For each run length L (the horizon and twice it, by default), the ratio of the net's median final loss
-        to that of Adam at its best learning rate for L. ``score``, the mean log-ratio, selects ``net.pt``: it
-        rewards the final loss, also beyond the horizon trained on, rather than the meta-loss.
+        For each component family (one, or each member of a mixture) and each run length L (the horizon and
+        twice it, by default): the ratio of the net's median final loss to that of Adam at its best learning
+        rate for L. ``score``, the mean log-ratio, selects ``net.pt``: it rewards the final loss, also beyond
+        the horizon trained on, rather than the meta-loss.
         """
         cfg = self.config
         lengths = cfg.eval_lengths or (cfg.horizon, 2 * cfg.horizon)
-        task = self.family.sample(cfg.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
         rule = LSTMRule(self.net)
         scores: dict[str, float] = {}
         log_ratios = []
-        for steps in lengths:
-            if steps not in self.adam_lrs:
-                self.adam_lrs[steps], _ = tune_lr(task, BASELINES["Adam"], steps)
-            lstm = final_score(run_rule(task, rule, steps, TUNE_SEED))
-            adam = final_score(run_rule(task, BASELINES["Adam"](self.adam_lrs[steps]), steps, TUNE_SEED))
-            scores[f"eval/lstm_final_loss@{steps}"] = lstm
-            scores[f"eval/ratio_to_adam@{steps}"] = lstm / adam
-            log_ratios.append(math.log(lstm / adam) if lstm > 0 and math.isfinite(lstm) else math.inf)
+        for family in self.family.components():
+            task = family.sample(cfg.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+            for steps in lengths:
+                key = f"{family.name}@{steps}"
+                if key not in self.adam_lrs:
+                    self.adam_lrs[key], _ = tune_lr(task, BASELINES["Adam"], steps)
+                lstm = final_score(run_rule(task, rule, steps, TUNE_SEED).losses)
+                adam = final_score(run_rule(task, BASELINES["Adam"](self.adam_lrs[key]), steps, TUNE_SEED).losses)
+                scores[f"eval/lstm_final_loss/{key}"] = lstm
+                scores[f"eval/ratio_to_adam/{key}"] = lstm / adam
+                log_ratios.append(math.log(lstm / adam) if lstm > 0 and math.isfinite(lstm) else math.inf)
         scores["eval/score"] = sum(log_ratios) / len(log_ratios)
         return scores
 

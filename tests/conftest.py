@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# The suite's tensors are small: one thread avoids OpenMP overhead and oversubscription on 2-core CI machines.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
