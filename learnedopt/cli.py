@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     mt.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
     mt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    mt.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="stop (with a checkpoint) once this much time is spent; --resume continues")
+    mt.add_argument("--eval-tasks", type=int, default=0, help="held-out tasks per evaluation (0: the task's default)")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     demo = sub.add_parser("demo", help="meta-train on quadratics (~2 min), compare with tuned Adam/SGD, plot")
@@ -106,9 +109,10 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             seed=args.seed,
             device=args.device,
             data_dir=args.data_dir,
+            eval_tasks=args.eval_tasks,
         )
         trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
-        trainer.train()
+        trainer.train(time_budget=args.time_budget)
         print(f"wrote {args.out / 'net.pt'} (use: LearnedOptimizer(params, net={str(args.out / 'net.pt')!r}))")
         return 0
     if args.command == "demo":

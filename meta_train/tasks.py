@@ -12,6 +12,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
+from .mnist import MNIST_VARIANTS, MNISTFamily, MNISTMixture
+
 Params = dict[str, Tensor]
 
 __all__ = ["Task", "TaskFamily", "QuadraticTask", "QuadraticFamily", "FAMILIES", "get_family"]
@@ -100,25 +102,20 @@ class QuadraticFamily:
         return [self]
 
 
-def _mnist_family(variant: str) -> Callable[..., TaskFamily]:
+def _mnist_family(variants: tuple[str, ...], name: str) -> Callable[..., TaskFamily]:
     def build(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
-        from .mnist import MNISTFamily
-
-        return MNISTFamily(variant, data_dir, device=device)
+        if len(variants) == 1:
+            return MNISTFamily(variants[0], data_dir, device=device)
+        return MNISTMixture(variants, data_dir, name=name, device=device)
 
     return build
 
 
-def _mnist_mixture(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
-    from .mnist import MNISTMixture
-
-    return MNISTMixture(("mnist-mlp", "mnist-mlp-relu"), data_dir, device=device)
-
-
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     "quadratic": lambda data_dir=None, device="cpu": QuadraticFamily(device=device),
-    **{v: _mnist_family(v) for v in ("mnist-mlp", "mnist-mlp-40", "mnist-mlp-2layer", "mnist-mlp-relu", "mnist-conv")},
-    "mnist-mix": _mnist_mixture,
+    **{v: _mnist_family((v,), v) for v in MNIST_VARIANTS},
+    "mnist-mix": _mnist_family(("mnist-mlp", "mnist-mlp-relu"), "mnist-mix"),  # sigmoid and ReLU MLPs
+    "mnist-all": _mnist_family(tuple(MNIST_VARIANTS), "mnist-all"),  # every variant of the study
 }
 
 

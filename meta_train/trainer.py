@@ -194,8 +194,12 @@ class MetaTrainer:
         scores["eval/score"] = sum(log_ratios) / len(log_ratios)
         return scores
 
-    def train(self) -> CoordinatewiseLSTM:
-        """Run (or continue) training up to ``config.iterations``; returns the selected net."""
+    def train(self, time_budget: float | None = None) -> CoordinatewiseLSTM:
+        """Run (or continue) training up to ``config.iterations``; returns the selected net.
+
+        ``time_budget`` (seconds) ends training early, after a held-out evaluation and a checkpoint, once the
+        budget is spent; ``--resume`` continues from there.
+        """
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
@@ -205,16 +209,19 @@ class MetaTrainer:
         bar = tqdm(
             total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="meta-train", unit="it"
         )
+        deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
         try:
             while self.iteration < cfg.iterations:
                 started = time.perf_counter()
                 meta_loss = self.meta_step()
                 self.iteration += 1
+                out_of_time = started >= deadline or time.perf_counter() >= deadline
                 writer.add_scalar("meta_loss", meta_loss, self.iteration)
                 writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
                 bar.set_postfix(meta_loss=f"{meta_loss:.3g}")
                 bar.update()
-                if self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations:
+                last = self.iteration == cfg.iterations or out_of_time
+                if self.iteration % cfg.eval_every == 0 or last:
                     scores = self.evaluate()
                     for key, value in scores.items():
                         writer.add_scalar(key, value, self.iteration)
@@ -223,9 +230,11 @@ class MetaTrainer:
                         self.best_score = scores["eval/score"]
                         self._save_net("net.pt")
                     bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{scores['eval/score']:.3f}")
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                if self.iteration % cfg.checkpoint_every == 0 or last:
                     self._save_net("last.pt")
                     self._save()
+                if out_of_time:
+                    break
         finally:
             bar.close()
             writer.close()
@@ -241,4 +250,5 @@ class MetaTrainer:
             iteration=self.iteration,
             best_held_out_score=self.best_score,
             train_config=asdict(self.config),
+            history=self.history,
         )
