@@ -7,7 +7,7 @@ out=${1:?output folder}; data=${2:?data root}; budget=${BUDGET:-360}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$out/gpu.txt"
-{ python3 -m pytest -q -p no:cacheprovider tests/test_optimizer.py 2>&1 | tail -5
+[ -n "${CONTINUE_FROM:-}" ] || { python3 -m pytest -q -p no:cacheprovider tests/test_optimizer.py 2>&1 | tail -5
   python3 benchmarks/step_overhead.py --device cuda --sizes 10000 100000 1000000 10000000; } > "$out/cuda.txt" 2>&1
 train() {  # name, then meta-train arguments
   local name=$1; shift
@@ -16,8 +16,13 @@ train() {  # name, then meta-train arguments
   cp "/tmp/runs/$name/net.pt" "$out/${name}_net.pt"
 }
 mkdir -p /tmp/runs
-train mlp_sum --task mnist-mlp --objective sum --meta-batch 32 &
-train all_sum --task mnist-all --objective sum --meta-batch 32 &
-train all_log200 --task mnist-all --objective log --meta-batch 32 --horizon 200 &
+if [ -n "${CONTINUE_FROM:-}" ]; then  # second session: continue the first session's nets (results/gpu.md)
+  train mlp_sum2 --task mnist-mlp --objective sum --meta-batch 32 --init-net "$CONTINUE_FROM/mlp_sum_net.pt" &
+  train mix_sum2 --task mnist-mix --objective sum --meta-batch 16 --init-net "$CONTINUE_FROM/mlp_sum_net.pt" &
+else
+  train mlp_sum --task mnist-mlp --objective sum --meta-batch 32 &
+  train all_sum --task mnist-all --objective sum --meta-batch 32 &
+  train all_log200 --task mnist-all --objective log --meta-batch 32 --horizon 200 &  # ran out of GPU memory
+fi
 wait
 tail -n 3 /tmp/runs/*.log > "$out/train_logs.txt"

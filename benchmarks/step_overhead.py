@@ -1,6 +1,6 @@
 """Cost of one ``LearnedOptimizer.step`` relative to ``torch.optim.Adam(foreach=True).step``, measured in one run.
 
-    python benchmarks/step_overhead.py [--sizes 10000 100000 1000000] [--device cpu] [--repeats 5]
+    python benchmarks/step_overhead.py [--sizes 10000 100000 1000000] [--device cpu] [--repeats 5] [--threads 1]
 
 Both optimizers step the same parameters (one weight matrix and one bias) with the same gradients; the table
 gives median wall time per step, the ratio, peak extra memory of the optimizer state per parameter, and the
@@ -51,7 +51,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     net = CoordinatewiseLSTM().to(args.device)
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
     header = "| parameters | Adam(foreach) step | " + " | ".join(f"LSTM step (chunk {c})" for c in args.chunk_sizes)

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     mt.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="stop (with a checkpoint) once this much time is spent; --resume continues")
+    mt.add_argument("--init-net", default=None, help="start from this net (packaged name, net.pt or run folder)")
     mt.add_argument("--eval-tasks", type=int, default=0, help="held-out tasks per evaluation (0: the task's default)")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -110,6 +111,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             device=args.device,
             data_dir=args.data_dir,
             eval_tasks=args.eval_tasks,
+            init_net=args.init_net,
         )
         trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
         trainer.train(time_budget=args.time_budget)

@@ -36,7 +36,7 @@ __all__ = [
 TUNE_SEED = 1_000_003
 TEST_SEED = 2_000_003
 
-LR_GRID: list[float] = [10 ** (-4 + 0.5 * i) for i in range(9)]  # 1e-4 ... 1 in half-decades
+LR_GRID: list[float] = [10 ** (-4 + 0.5 * i) for i in range(11)]  # 1e-4 ... 10 in half-decades
 
 BASELINES: dict[str, Callable[[float], UpdateRule]] = {
     "Adam": lambda lr: adam(lr),
@@ -77,18 +77,32 @@ def tune_lr(
 
 @dataclass
 class Curves:
-    """Loss curves of several optimizers on the same test tasks, with what is needed to render them again."""
+    """Loss curves of several optimizers on the same test tasks, kept compactly enough to commit.
+
+    Per optimizer: the per-step quartiles over tasks (for the plot) and every task's final loss (for the table).
+    """
 
     title: str
     steps: int
-    losses: dict[str, Tensor]  # name -> (steps + 1, num_tasks)
+    quartiles: dict[str, Tensor] = field(default_factory=dict)  # name -> (3, steps + 1): 25%, 50%, 75%
+    finals: dict[str, Tensor] = field(default_factory=dict)  # name -> (num_tasks,) final losses
     lrs: dict[str, float | None] = field(default_factory=dict)
     accuracy: dict[str, Tensor] = field(default_factory=dict)  # name -> (num_tasks,) test accuracy at the end
     meta: dict[str, object] = field(default_factory=dict)
 
+    def add(self, name: str, losses: Tensor, lr: float | None = None, accuracy: Tensor | None = None) -> None:
+        """Record an optimizer's ``(steps + 1, num_tasks)`` losses; diverged values count as +Inf."""
+        clean = torch.nan_to_num(losses.detach().double().cpu(), nan=math.inf)
+        levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+        self.quartiles[name] = torch.quantile(clean.clamp_max(1e30), levels, dim=1)
+        self.finals[name] = clean[-1]
+        self.lrs[name] = lr
+        if accuracy is not None:
+            self.accuracy[name] = accuracy.double().cpu()
+
     def summary(self, reference: str = "Adam") -> list[dict[str, object]]:
         """One row per optimizer: final-loss statistics and ratios to ``reference``."""
-        finals = {name: torch.nan_to_num(l[-1].double(), nan=math.inf) for name, l in self.losses.items()}
+        finals = self.finals
         ref = finals.get(reference)
         rows = []
         for name, final in finals.items():
@@ -134,8 +148,9 @@ class Curves:
             "steps": self.steps,
             "lrs": self.lrs,
             "meta": self.meta,
-            "losses": {k: v.tolist() for k, v in self.losses.items()},
-            "accuracy": {k: v.tolist() for k, v in self.accuracy.items()},
+            "quartiles": {k: _rounded(v) for k, v in self.quartiles.items()},
+            "finals": {k: _rounded(v) for k, v in self.finals.items()},
+            "accuracy": {k: _rounded(v) for k, v in self.accuracy.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload))
@@ -143,9 +158,13 @@ class Curves:
     @classmethod
     def load_json(cls, path: Path) -> "Curves":
         payload = json.loads(Path(path).read_text())
-        losses = {k: torch.tensor(v, dtype=torch.float64) for k, v in payload["losses"].items()}
-        accuracy = {k: torch.tensor(v, dtype=torch.float64) for k, v in payload.get("accuracy", {}).items()}
-        return cls(payload["title"], payload["steps"], losses, payload["lrs"], accuracy, payload.get("meta", {}))
+        def tensors(key: str) -> dict[str, Tensor]:
+            return {k: torch.tensor(v, dtype=torch.float64) for k, v in payload.get(key, {}).items()}
+
+        return cls(
+            payload["title"], payload["steps"], tensors("quartiles"), tensors("finals"), payload["lrs"],
+            tensors("accuracy"), payload.get("meta", {}),
+        )
 
     def plot(self, path: Path) -> None:
         """Median loss per step with an interquartile band, log-scale y."""
@@ -156,9 +175,7 @@ class Curves:
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         steps = torch.arange(self.steps + 1)
-        for name, losses in self.losses.items():
-            l = torch.nan_to_num(losses.double(), nan=math.inf)
-            q = torch.quantile(l.clamp_max(1e30), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=1)
+        for name, q in self.quartiles.items():
             lr = self.lrs.get(name)
             label = name if lr is None else f"{name} (lr={lr:.2g})"
             (line,) = ax.plot(steps, q[1], label=label, lw=2 if lr is None else 1.3)
@@ -175,6 +192,13 @@ class Curves:
         plt.close(fig)
 
 
+def _rounded(values: Tensor) -> list:
+    """Values with 5 significant digits: enough for tables and plots, small enough to commit."""
+    if values.dim() > 1:
+        return [_rounded(row) for row in values]
+    return [float(f"{x:.5g}") for x in values.tolist()]
+
+
 def compare(
     tune_task: Task,
     test_task: Task,
@@ -187,20 +211,19 @@ def compare(
 
     Where the task can score test accuracy (``test_task.test_accuracy(params)``), it is recorded too.
     """
-    curves = Curves(title, steps, {})
+    curves = Curves(title, steps)
     tuning: dict[str, dict[float, float]] = {}
     rules: dict[str, UpdateRule] = {}
+    lrs: dict[str, float | None] = {}
     for name, source in nets.items():
-        rules[name] = LSTMRule(load_net(source).to(test_task.device))
-        curves.lrs[name] = None
+        rules[name], lrs[name] = LSTMRule(load_net(source).to(test_task.device)), None
     for name in baselines:
         make = BASELINES[name]
         lr, tuning[name] = tune_lr(tune_task, make, steps)
-        rules[name], curves.lrs[name] = make(lr), lr
+        rules[name], lrs[name] = make(lr), lr
     for name, rule in rules.items():
         result = run_rule(test_task, rule, steps, TEST_SEED)
-        curves.losses[name] = result.losses.cpu()
-        if hasattr(test_task, "test_accuracy"):
-            curves.accuracy[name] = test_task.test_accuracy(result.params)
+        accuracy = test_task.test_accuracy(result.params) if hasattr(test_task, "test_accuracy") else None
+        curves.add(name, result.losses, lrs[name], accuracy)
     curves.meta["tuning_scores"] = {k: {f"{lr:.3g}": s for lr, s in v.items()} for k, v in tuning.items()}
     return curves

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -20,7 +21,16 @@ __all__ = ["benchmark", "demo", "hardware"]
 def hardware() -> str:
     """A one-line description of where a number was measured."""
     cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {sys.version.split()[0]}"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = os.cpu_count()
+    return (
+        f"{cpu} ({cores} cores), {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"Python {sys.version.split()[0]}"
+    )
 
 
 def _write(curves: Curves, out: Path, name: str, reference: str = "Adam") -> str:
@@ -71,9 +81,8 @@ def _log_tensorboard(curves: Curves, logdir: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(logdir)) as writer:
-        for opt_name, losses in curves.losses.items():
-            median = losses.double().nan_to_num(nan=float("inf")).median(dim=1).values
-            for step, value in enumerate(median.tolist()):
+        for opt_name, quartiles in curves.quartiles.items():
+            for step, value in enumerate(quartiles[1].tolist()):
                 writer.add_scalar(f"median_loss/{opt_name}", value, step)
 
 

@@ -51,6 +51,7 @@ class MetaTrainConfig:
     seed: int = 0
     device: str = "cpu"
     data_dir: str | None = None
+    init_net: str | None = None  # start from these weights (a packaged name, net.pt or run folder)
 
     def __post_init__(self) -> None:
         if self.horizon % self.unroll:
@@ -94,7 +95,13 @@ class MetaTrainer:
         torch.manual_seed(config.seed)
         self.net = CoordinatewiseLSTM(
             LSTMConfig(hidden_size=config.hidden_size, num_layers=config.num_layers, output_scale=config.output_scale)
-        ).to(config.device)
+        )
+        if config.init_net:
+            start = load_net(config.init_net)
+            if start.config != self.net.config:
+                raise ValueError(f"--init-net {config.init_net} has architecture {start.config}, not {self.net.config}")
+            self.net.load_state_dict(start.state_dict())
+        self.net.to(config.device)
         self.meta_opt = torch.optim.Adam(self.net.parameters(), lr=config.meta_lr)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0

@@ -25,7 +25,8 @@ def test_meta_train_then_benchmark_then_plot_only(tmp_path, capsys):
              "--out", str(out), "--name", "b"]
     assert main(bench) == 0
     payload = json.loads((out / "b.json").read_text())
-    assert set(payload["losses"]) == {str(run), "Adam", "NAG"} and len(payload["losses"]["Adam"]) == 11
+    assert set(payload["finals"]) == {str(run), "Adam", "NAG"} and len(payload["finals"]["Adam"]) == 20
+    assert len(payload["quartiles"]["Adam"]) == 3 and len(payload["quartiles"]["Adam"][1]) == 11
     assert (out / "b.png").stat().st_size > 0 and "| Adam |" in (out / "b.md").read_text()
     (out / "b.png").unlink()
     assert main(bench + ["--plot-only"]) == 0 and (out / "b.png").is_file()
