@@ -58,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--net", action="append", default=None,
                        help="packaged name, net.pt or run folder (repeatable; default: the packaged default)")
     bench.add_argument("--steps", type=_positive, default=100)
-    bench.add_argument("--tasks", type=_positive, default=1000, help="held-out tasks to report on")
+    bench.add_argument("--tasks", "--seeds", dest="tasks", type=_positive, default=1000,
+                       help="held-out tasks (seeds: initializations and minibatch orders) to report on")
     bench.add_argument("--baselines", default="Adam,SGD,RMSprop,NAG", help="comma-separated")
     bench.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     bench.add_argument("--name", default=None, help="report file stem (default: TASK-STEPS)")
     bench.add_argument("--plot-only", action="store_true", help="re-render the table and PNG from the JSON")
+    bench.add_argument("--split", choices=["test", "tune"], default="test",
+                       help="report on held-out test tasks (default) or on the tuning tasks (to select nets)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
 
@@ -137,7 +140,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         print(
             benchmark(
                 args.task, nets, args.steps, args.tasks, baselines, args.out, name, command,
-                plot_only=args.plot_only, data_dir=args.data_dir, device=args.device,
+                plot_only=args.plot_only, data_dir=args.data_dir, device=args.device, split=args.split,
             )
         )
         print(f"\nwrote {args.out / (name + '.md')}, .json, .png")

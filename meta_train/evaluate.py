@@ -206,10 +206,12 @@ def compare(
     baselines: list[str],
     steps: int,
     title: str,
+    eval_seed: int = TEST_SEED,
 ) -> Curves:
     """Tune each baseline's lr on ``tune_task``, then run every net and baseline on ``test_task``.
 
-    Where the task can score test accuracy (``test_task.test_accuracy(params)``), it is recorded too.
+    ``eval_seed`` draws the initial parameters on ``test_task``. Where the task can score test accuracy
+    (``test_task.test_accuracy(params)``), it is recorded too.
     """
     curves = Curves(title, steps)
     tuning: dict[str, dict[float, float]] = {}
@@ -222,7 +224,7 @@ def compare(
         lr, tuning[name] = tune_lr(tune_task, make, steps)
         rules[name], lrs[name] = make(lr), lr
     for name, rule in rules.items():
-        result = run_rule(test_task, rule, steps, TEST_SEED)
+        result = run_rule(test_task, rule, steps, eval_seed)
         accuracy = test_task.test_accuracy(result.params) if hasattr(test_task, "test_accuracy") else None
         curves.add(name, result.losses, lrs[name], accuracy)
     curves.meta["tuning_scores"] = {k: {f"{lr:.3g}": s for lr, s in v.items()} for k, v in tuning.items()}

@@ -57,8 +57,13 @@ def benchmark(
     plot_only: bool = False,
     data_dir: str | None = None,
     device: str = "cpu",
+    split: str = "test",
 ) -> str:
-    """Compare nets with tuned baselines on ``num_tasks`` held-out tasks; write ``name``.{md,json,png}."""
+    """Compare nets with tuned baselines on ``num_tasks`` held-out tasks; write ``name``.{md,json,png}.
+
+    ``split="tune"`` reports on the tuning tasks instead of the test tasks: use it to choose between nets
+    without ever looking at the numbers you will report.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if plot_only:
         path = out / f"{name}.json"
@@ -66,12 +71,14 @@ def benchmark(
             raise FileNotFoundError(f"--plot-only needs {path}; run the benchmark once without --plot-only first")
         return _write(Curves.load_json(path), out, name)
     family = get_family(task, data_dir, device)
+    if split not in ("test", "tune"):
+        raise ValueError(f"split must be 'test' or 'tune', got {split!r}")
+    eval_seed = TEST_SEED if split == "test" else TUNE_SEED
     tune_task = family.sample(max(family.default_eval_tasks, num_tasks // 4), torch.Generator().manual_seed(TUNE_SEED))
-    test_task = family.sample(num_tasks, torch.Generator().manual_seed(TEST_SEED))
+    eval_task = family.sample(num_tasks, torch.Generator().manual_seed(eval_seed))
+    title = f"{task}: {num_tasks} {'held-out' if split == 'test' else 'tuning'} tasks, {steps} steps"
     started = time.perf_counter()
-    curves = compare(
-        tune_task, test_task, {n: n for n in nets}, baselines, steps, f"{task}: {num_tasks} held-out tasks, {steps} steps"
-    )
+    curves = compare(tune_task, eval_task, {n: n for n in nets}, baselines, steps, title, eval_seed)
     curves.meta.update(command=command, hardware=hardware(), seconds=round(time.perf_counter() - started, 1))
     _log_tensorboard(curves, out / "tb" / name)
     return _write(curves, out, name)
