@@ -19,7 +19,7 @@ from .lstm import CoordinatewiseLSTM, LSTMConfig
 __all__ = ["DEFAULT_NET", "list_pretrained", "load_net", "save_net", "net_info"]
 
 PRETRAINED_DIR = Path(__file__).with_name("pretrained")
-DEFAULT_NET = "quadratic-lstm"
+DEFAULT_NET = "mnist-lstm"
 _FORMAT = "learnedopt-net"
 
 

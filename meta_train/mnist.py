@@ -113,7 +113,7 @@ class MNISTFamily:
     """Tasks of one MNIST variant: random initializations and minibatch orders of the same network."""
 
     default_meta_batch = 8
-    default_eval_tasks = 16
+    default_eval_tasks = 8
 
     def __init__(
         self, variant: str = "mnist-mlp", data_dir: str | None = None, batch_size: int = 128, device: str = "cpu"
@@ -139,7 +139,7 @@ class MNISTMixture:
     """Each sampled task batch is one of several MNIST variants, drawn uniformly (e.g. sigmoid and ReLU MLPs)."""
 
     default_meta_batch = 8
-    default_eval_tasks = 16
+    default_eval_tasks = 8
 
     def __init__(
         self, variants: tuple[str, ...], data_dir: str | None = None, name: str = "mnist-mix", device: str = "cpu"
