@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 __all__ = ["DataNotFoundError", "resolve_data_root", "candidate_roots", "MNIST", "load_mnist"]

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -65,11 +64,6 @@ class MetaTrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: the task's default), got {getattr(self, name)}")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MetaTrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
 
 class MetaTrainer:
     """Meta-train a :class:`~learnedopt.CoordinatewiseLSTM` on a task family; writes ``net.pt`` to ``out``.
@@ -84,14 +78,15 @@ class MetaTrainer:
     """
 
     def __init__(self, config: MetaTrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True):
-        self.config = config
         self.out = Path(out)
         self.progress = progress
         self.family = get_family(config.task, config.data_dir, config.device)
-        if not config.meta_batch:
-            config.meta_batch = self.family.default_meta_batch
-        if not config.eval_tasks:
-            config.eval_tasks = self.family.default_eval_tasks
+        config = replace(
+            config,
+            meta_batch=config.meta_batch or self.family.default_meta_batch,
+            eval_tasks=config.eval_tasks or self.family.default_eval_tasks,
+        )
+        self.config = config
         torch.manual_seed(config.seed)
         self.net = CoordinatewiseLSTM(
             LSTMConfig(hidden_size=config.hidden_size, num_layers=config.num_layers, output_scale=config.output_scale)

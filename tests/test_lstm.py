@@ -2,7 +2,6 @@ import math
 
 import torch
 
-import learnedopt
 from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient
 
 

@@ -1,6 +1,5 @@
 """MNIST data, the data-root resolution order, and MNIST workloads."""
 
-import os
 from pathlib import Path
 
 import pytest
