@@ -1,0 +1,160 @@
+"""Few-shot pieces on the shared engine: episodes, ProtoNet's loss, MAML's meta-gradients."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from baselines.episodes import Episode, EpisodeSampler, sample_sinusoids
+from baselines.maml import adapt, maml_step, query_accuracy
+from baselines.models import conv4, sinusoid_mlp
+from baselines.protonet import episode_accuracy, episode_loss, prototype_logits
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+needs_omniglot = pytest.mark.skipif(not (SHARED / "omniglot-py").is_dir(), reason="needs ../shared/data/omniglot-py")
+
+
+@pytest.fixture(scope="module")
+def omniglot():
+    from learnedopt.data import load_omniglot
+
+    return load_omniglot()
+
+
+@needs_omniglot
+def test_omniglot_and_the_vinyals_splits(omniglot):
+    assert omniglot.images.shape == (1623, 20, 28, 28)
+    splits = {name: omniglot.split(name) for name in ("train", "val", "test")}
+    assert [len(s) for s in splits.values()] == [4112, 688, 1692]
+    characters = {name: {c for c, _ in s} for name, s in splits.items()}
+    assert not (characters["train"] & characters["val"]) and not (characters["train"] & characters["test"])
+    assert not (characters["val"] & characters["test"])
+
+
+@needs_omniglot
+def test_episode_sampler(omniglot):
+    sampler = EpisodeSampler(omniglot, "test", ways=5, shots=2, queries=3)
+    a = sampler.sample(torch.Generator().manual_seed(0))
+    b = sampler.sample(torch.Generator().manual_seed(0))
+    c = sampler.sample(torch.Generator().manual_seed(1))
+    assert a.support_x.shape == (10, 1, 28, 28) and a.query_x.shape == (15, 1, 28, 28)
+    assert torch.equal(torch.bincount(a.support_y), torch.full((5,), 2))
+    assert torch.equal(torch.bincount(a.query_y), torch.full((5,), 3))
+    assert torch.equal(a.support_x, b.support_x) and not torch.equal(a.support_x, c.support_x)
+    # support and query images of a class are different drawings
+    for k in range(5):
+        s, q = a.support_x[a.support_y == k], a.query_x[a.query_y == k]
+        assert all(not torch.equal(x, y) for x in s for y in q)
+    with pytest.raises(ValueError, match="exceeds"):
+        EpisodeSampler(omniglot, "test", ways=5, shots=10, queries=11)
+
+
+def test_prototype_logits_by_hand():
+    support = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
+    labels = torch.tensor([0, 0, 1])  # prototypes (1, 0) and (0, 4)
+    query = torch.tensor([[1.0, 1.0]])
+    logits = prototype_logits(support, labels, query, 2)
+    torch.testing.assert_close(logits, torch.tensor([[-1.0, -10.0]]))
+    episode = Episode(support, labels, query, torch.tensor([1]))
+    out = episode_loss(nn.Identity(), {}, episode)
+    expected = -torch.log_softmax(torch.tensor([-1.0, -10.0]), 0)[1]
+    torch.testing.assert_close(out.meta_loss, expected)
+
+
+def _flat_grad(loss, params):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))])
+
+
+def _fd(fn, params, direction, eps=1e-6):
+    def shifted(sign):
+        offset, moved = 0, {}
+        for k, v in params.items():
+            moved[k] = v.detach() + sign * eps * direction[offset : offset + v.numel()].view_as(v)
+            offset += v.numel()
+        return fn(moved)
+
+    return (shifted(1) - shifted(-1)) / (2 * eps)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv4-batchnorm"])
+def test_maml_meta_gradient_matches_finite_differences(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = sinusoid_mlp(8).double()
+        episode = sample_sinusoids(5, 5, torch.Generator().manual_seed(0))
+        episode = Episode(*(t.double() for t in (episode.support_x, episode.support_y, episode.query_x, episode.query_y)))
+        criterion, lr = nn.functional.mse_loss, 0.05
+    else:
+        model = conv4(3, channels=3).double()
+        x = torch.rand(12, 1, 28, 28, dtype=torch.float64)
+        y = torch.tensor([0, 1, 2] * 4)
+        episode, criterion, lr = Episode(x[:6], y[:6], x[6:], y[6:]), nn.functional.cross_entropy, 0.3
+    params = dict(model.named_parameters())
+
+    def meta_loss(p):
+        with torch.no_grad():
+            return adapt(model, p, episode, 2, lr, criterion).meta_loss.item()
+
+    grad = _flat_grad(adapt(model, params, episode, 2, lr, criterion).meta_loss, params)
+    for seed in range(2):
+        v = torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert float(grad @ v) == pytest.approx(_fd(meta_loss, params, v), rel=1e-6, abs=1e-10)
+
+
+def test_maml_matches_higher():
+    higher = pytest.importorskip("higher")
+    torch.manual_seed(0)
+    model = conv4(3, channels=3).double()
+    x = torch.rand(12, 1, 28, 28, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2] * 4)
+    episode = Episode(x[:6], y[:6], x[6:], y[6:])
+    params = dict(model.named_parameters())
+    ours = _flat_grad(adapt(model, params, episode, 3, 0.3).meta_loss, params)
+
+    inner = torch.optim.SGD(model.parameters(), lr=0.3)
+    with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(nn.functional.cross_entropy(fmodel(episode.support_x), episode.support_y))
+        query = nn.functional.cross_entropy(fmodel(episode.query_x), episode.query_y)
+        theirs = _flat_grad(query, params)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+def test_first_order_maml_is_the_query_gradient_at_the_adapted_params():
+    torch.manual_seed(0)
+    model = sinusoid_mlp(8).double()
+    ep = sample_sinusoids(5, 5, torch.Generator().manual_seed(1))
+    ep = Episode(*(t.double() for t in (ep.support_x, ep.support_y, ep.query_x, ep.query_y)))
+    params = dict(model.named_parameters())
+    out = adapt(model, params, ep, 3, 0.05, nn.functional.mse_loss, first_order=True)
+    fomaml = _flat_grad(out.meta_loss, params)
+    adapted = {k: v.detach().requires_grad_() for k, v in out.params.items()}
+    query = nn.functional.mse_loss(torch.func.functional_call(model, adapted, (ep.query_x,)), ep.query_y)
+    torch.testing.assert_close(fomaml, _flat_grad(query, adapted))
+    second = _flat_grad(adapt(model, params, ep, 3, 0.05, nn.functional.mse_loss).meta_loss, params)
+    assert not torch.allclose(fomaml, second)
+
+
+@needs_omniglot
+def test_short_protonet_and_maml_training_beat_chance(omniglot):
+    torch.manual_seed(0)
+    train = EpisodeSampler(omniglot, "train", 20, 1, 5)
+    test = EpisodeSampler(omniglot, "test", 5, 1, 15)
+    g, gt = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    embed = conv4(None, channels=32)
+    opt = torch.optim.Adam(embed.parameters(), 1e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        episode_loss(embed, dict(embed.named_parameters()), train.sample(g)).meta_loss.backward()
+        opt.step()
+    proto = sum(episode_accuracy(embed, test.sample(gt)) for _ in range(30)) / 30
+    assert proto >= 0.6
+
+    model = conv4(5, channels=32, strided=True)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    maml_train = EpisodeSampler(omniglot, "train", 5, 1, 5)
+    for _ in range(100):
+        maml_step(model, opt, [maml_train.sample(g) for _ in range(4)], 1, 0.4)
+    maml = sum(query_accuracy(model, test.sample(gt), 3, 0.4) for _ in range(30)) / 30
+    assert maml >= 0.4  # chance is 0.2
