@@ -70,6 +70,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
 
     sub.add_parser("pretrained", help="list the packaged nets and what they were trained on")
+
+    for algorithm in ("maml", "protonet"):
+        fs = sub.add_parser(algorithm, help=f"{'MAML / first-order MAML' if algorithm == 'maml' else 'ProtoNet'} "
+                            "few-shot learning on the unroll engine")
+        fs_sub = fs.add_subparsers(dest="action", required=True, metavar="ACTION")
+        tr = fs_sub.add_parser("train", help="meta-train; writes OUT/checkpoint.pt and OUT/tb")
+        tr.add_argument("--out", type=Path, required=True)
+        tr.add_argument("--ways", type=_positive, default=5 if algorithm == "maml" else 60)
+        tr.add_argument("--shots", type=_positive, default=1)
+        tr.add_argument("--queries", type=_positive, default=None,
+                        help="query examples per class in training (default: shots for MAML, 5 for ProtoNet)")
+        tr.add_argument("--iterations", type=_positive, default=60000 if algorithm == "maml" else 20000)
+        tr.add_argument("--meta-lr", type=float, default=1e-3)
+        tr.add_argument("--channels", type=_positive, default=64)
+        tr.add_argument("--eval-every", type=_positive, default=500)
+        tr.add_argument("--checkpoint-every", type=_positive, default=500)
+        tr.add_argument("--seed", type=int, default=0)
+        tr.add_argument("--device", default="cpu")
+        tr.add_argument("--data-dir", default=None)
+        tr.add_argument("--resume", action="store_true")
+        tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+        tr.add_argument("--no-progress", action="store_true")
+        if algorithm == "maml":
+            tr.add_argument("--dataset", choices=["omniglot", "sinusoid"], default="omniglot")
+            tr.add_argument("--first-order", action="store_true")
+            tr.add_argument("--inner-steps", type=_positive, default=1)
+            tr.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (Omniglot), 0.01 (sinusoid)")
+            tr.add_argument("--meta-batch", type=_positive, default=32)
+        ev = fs_sub.add_parser("eval", help="mean test score and 95%% confidence interval over test episodes")
+        ev.add_argument("--checkpoint", type=Path, required=True)
+        ev.add_argument("--ways", type=_positive, default=5)
+        ev.add_argument("--shots", type=_positive, default=1)
+        ev.add_argument("--episodes", type=_positive, default=1000)
+        ev.add_argument("--inner-steps", type=int, default=3, help="MAML adaptation steps at test time")
+        ev.add_argument("--device", default="cpu")
+        ev.add_argument("--data-dir", default=None)
     return parser
 
 
@@ -145,7 +181,47 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         )
         print(f"\nwrote {args.out / (name + '.md')}, .json, .png")
         return 0
+    if args.command in ("maml", "protonet"):
+        return _fewshot(args)
     raise AssertionError(args.command)
+
+
+def _fewshot(args: argparse.Namespace) -> int:
+    from baselines.train import FewShotConfig, evaluate, train
+
+    if args.action == "eval":
+        metric, mean, half_width = evaluate(args.checkpoint, args.ways, args.shots, args.episodes, args.inner_steps,
+                                            device=args.device, data_dir=args.data_dir)
+        task = f"{args.shots}-shot sinusoid" if metric == "mse" else f"{args.ways}-way {args.shots}-shot"
+        print(f"{args.command} {task}: query {metric} {mean:.4f} ± {half_width:.4f} (95% CI, "
+              f"{args.episodes} test episodes)")
+        return 0
+    maml = args.command == "maml"
+    sinusoid = maml and args.dataset == "sinusoid"
+    config = FewShotConfig(
+        algorithm=args.command,
+        dataset=args.dataset if maml else "omniglot",
+        ways=1 if sinusoid else args.ways,
+        shots=args.shots,
+        queries=args.queries or (args.shots if maml else 5),
+        iterations=args.iterations,
+        meta_batch=args.meta_batch if maml else 1,
+        meta_lr=args.meta_lr,
+        inner_steps=args.inner_steps if maml else 0,
+        inner_lr=(args.inner_lr or (0.01 if sinusoid else 0.4)) if maml else 0.0,
+        first_order=maml and args.first_order,
+        channels=args.channels,
+        strided=maml,
+        lr_halving=0 if maml else 2000,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+        data_dir=args.data_dir,
+    )
+    train(config, args.out, resume=args.resume, progress=not args.no_progress, time_budget=args.time_budget)
+    print(f"wrote {args.out / 'checkpoint.pt'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -158,3 +158,25 @@ def test_short_protonet_and_maml_training_beat_chance(omniglot):
         maml_step(model, opt, [maml_train.sample(g) for _ in range(4)], 1, 0.4)
     maml = sum(query_accuracy(model, test.sample(gt), 3, 0.4) for _ in range(30)) / 30
     assert maml >= 0.4  # chance is 0.2
+
+
+@needs_omniglot
+def test_fewshot_cli_train_resume_eval_and_mismatch(tmp_path, capsys, omniglot):
+    from learnedopt.cli import main
+
+    out = tmp_path / "maml"
+    def args(iterations):
+        return ["maml", "train", "--out", str(out), "--iterations", str(iterations), "--meta-batch", "2",
+                "--channels", "4", "--eval-every", "1", "--no-progress"]
+
+    assert main(args(2)) == 0 and (out / "checkpoint.pt").is_file() and any((out / "tb").iterdir())
+    assert main(args(4) + ["--resume"]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["iteration"] == 4 and len(ckpt["history"]) == 4
+    assert main(["maml", "eval", "--checkpoint", str(out / "checkpoint.pt"), "--episodes", "3"]) == 0
+    assert "5-way 1-shot: query accuracy" in capsys.readouterr().out
+    assert main(["maml", "eval", "--checkpoint", str(out / "checkpoint.pt"), "--ways", "20", "--episodes", "1"]) == 2
+    assert "5-way MAML classifier" in capsys.readouterr().err
+    assert main(["maml", "train", "--out", str(out), "--ways", "20", "--channels", "4", "--resume",
+                 "--no-progress"]) == 2
+    assert "ways: checkpoint 5, asked 20" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""Training and evaluation runs for MAML and ProtoNet: checkpoints, resume, TensorBoard, progress bars, seeds.
+
+``learnedopt maml train|eval`` and ``learnedopt protonet train|eval`` call :func:`train` and :func:`evaluate`.
+A checkpoint records the algorithm, dataset, N-way and architecture; evaluating or resuming it with other
+settings fails with a message that says which.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from learnedopt.data import load_omniglot
+from learnedopt.pretrained import atomic_save
+
+from .episodes import Episode, EpisodeSampler, sample_sinusoids
+from .maml import adapt, maml_step, query_accuracy
+from .models import conv4, sinusoid_mlp
+from .protonet import episode_accuracy, episode_loss
+
+__all__ = ["FewShotConfig", "train", "evaluate"]
+
+_MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided")
+
+
+@dataclass
+class FewShotConfig:
+    """One few-shot run. Defaults follow the papers (MAML Omniglot 5-way; ProtoNet 60-way training episodes)."""
+
+    algorithm: str = "maml"  # "maml" or "protonet"
+    dataset: str = "omniglot"  # "omniglot" or "sinusoid" (MAML only)
+    ways: int = 5
+    shots: int = 1
+    queries: int = 1  # query examples per class in training episodes (ProtoNet: 5; MAML: K, as the papers)
+    iterations: int = 60000
+    meta_batch: int = 32
+    meta_lr: float = 1e-3
+    inner_steps: int = 1
+    inner_lr: float = 0.4
+    first_order: bool = False
+    channels: int = 64
+    strided: bool = True  # MAML's Omniglot Conv-4 uses stride-2 convolutions; ProtoNet uses max-pooling
+    lr_halving: int = 0  # halve the meta learning rate every N iterations (ProtoNet: 2000); 0 = never
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("maml", "protonet"):
+            raise ValueError(f"algorithm must be 'maml' or 'protonet', got {self.algorithm!r}")
+        if self.dataset not in ("omniglot", "sinusoid") or (self.algorithm == "protonet" and self.dataset != "omniglot"):
+            raise ValueError(f"dataset {self.dataset!r} is not available for {self.algorithm}")
+
+
+def build_model(config: FewShotConfig) -> nn.Module:
+    if config.dataset == "sinusoid":
+        return sinusoid_mlp()
+    ways = None if config.algorithm == "protonet" else config.ways
+    return conv4(ways, config.channels, strided=config.strided)
+
+
+class _Tasks:
+    """Episodes of the configured dataset and split."""
+
+    def __init__(self, config: FewShotConfig, split: str, ways: int, shots: int, queries: int) -> None:
+        self.config, self.shots, self.queries = config, shots, queries
+        self.sampler = None
+        if config.dataset == "omniglot":
+            self.sampler = EpisodeSampler(load_omniglot(config.data_dir), split, ways, shots, queries)
+
+    def sample(self, generator: torch.Generator) -> Episode:
+        if self.sampler is None:
+            episode = sample_sinusoids(self.shots, self.queries, generator)
+        else:
+            episode = self.sampler.sample(generator)
+        return episode.to(self.config.device)
+
+
+def _criterion(config: FewShotConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return nn.functional.mse_loss if config.dataset == "sinusoid" else nn.functional.cross_entropy
+
+
+def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int) -> float:
+    """Query accuracy (classification) or query MSE after adaptation (sinusoid)."""
+    if config.algorithm == "protonet":
+        return episode_accuracy(model, episode)
+    if config.dataset == "sinusoid":
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        with torch.no_grad():
+            return adapt(model, params, episode, inner_steps, config.inner_lr, nn.functional.mse_loss, True).meta_loss.item()
+    return query_accuracy(model, episode, inner_steps, config.inner_lr)
+
+
+def _load(path: Path, config: FewShotConfig | None) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable learnedopt few-shot checkpoint ({err})") from err
+    if not isinstance(ckpt, dict) or "fewshot_config" not in ckpt:
+        raise ValueError(f"{path} is not a learnedopt few-shot checkpoint")
+    if config is not None:
+        saved = ckpt["fewshot_config"]
+        wrong = [k for k in _MUST_MATCH if saved.get(k) != getattr(config, k)]
+        if wrong:
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, asked {getattr(config, k)!r}" for k in wrong)
+            raise ValueError(f"{path} was trained with other settings ({details})")
+    return ckpt
+
+
+def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool = True,
+          time_budget: float | None = None) -> nn.Module:
+    """Meta-train MAML or ProtoNet; writes ``out/checkpoint.pt`` and TensorBoard logs to ``out/tb``."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(config.device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    iteration, history = 0, []
+    path = out / "checkpoint.pt"
+    if resume and path.is_file():
+        ckpt = _load(path, config)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"])
+        iteration, history = ckpt["iteration"], ckpt["history"]
+    tasks = _Tasks(config, "train", config.ways, config.shots, config.queries)
+    val_ways = config.ways if config.algorithm == "maml" else 5  # ProtoNet trains 60-way, is scored 5-way
+    val = _Tasks(config, "val", val_ways, config.shots, 15 if config.dataset == "omniglot" else 10)
+    writer = SummaryWriter(str(out / "tb"))
+    bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, desc=config.algorithm)
+    deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
+
+    def save() -> None:
+        atomic_save({"fewshot_config": asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "generator": generator.get_state(), "iteration": iteration, "history": history}, path)
+
+    try:
+        while iteration < config.iterations:
+            if config.lr_halving:
+                for group in opt.param_groups:
+                    group["lr"] = config.meta_lr * 0.5 ** (iteration // config.lr_halving)
+            if config.algorithm == "maml":
+                episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
+                loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr, _criterion(config),
+                                 config.first_order)
+            else:
+                opt.zero_grad()
+                result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
+                result.meta_loss.backward()
+                opt.step()
+                loss = result.meta_loss.item()
+            iteration += 1
+            writer.add_scalar("train/meta_loss", loss, iteration)
+            bar.update()
+            out_of_time = time.perf_counter() >= deadline
+            last = iteration == config.iterations or out_of_time
+            if iteration % config.eval_every == 0 or last:
+                g = torch.Generator().manual_seed(config.seed + 1)
+                score = sum(_score(config, model, val.sample(g), config.inner_steps) for _ in range(100)) / 100
+                history.append({"iteration": iteration, "meta_loss": loss, "val": score})
+                writer.add_scalar("val/score", score, iteration)
+                bar.set_postfix(loss=f"{loss:.3f}", val=f"{score:.3f}")
+            if iteration % config.checkpoint_every == 0 or last:
+                save()
+            if out_of_time:
+                break
+    finally:
+        bar.close()
+        writer.close()
+    return model
+
+
+def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps: int, queries: int = 15,
+             device: str = "cpu", data_dir: str | None = None, seed: int = 0) -> tuple[str, float, float]:
+    """The metric's name ("accuracy" or "mse"), its mean over ``episodes`` test episodes, and the 95% CI half-width."""
+    ckpt = _load(checkpoint, None)
+    config = replace(FewShotConfig(**ckpt["fewshot_config"]), device=device, data_dir=data_dir, shots=shots)
+    if config.algorithm == "maml" and config.dataset == "omniglot" and ways != config.ways:
+        raise ValueError(f"{checkpoint} is a {config.ways}-way MAML classifier; it cannot run {ways}-way episodes")
+    model = build_model(config).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: the weights do not fit the saved architecture: {err}") from err
+    tasks = _Tasks(config, "test", ways, shots, queries)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps) for _ in range(episodes)])
+    metric = "mse" if config.dataset == "sinusoid" else "accuracy"
+    return metric, float(scores.mean()), float(1.96 * scores.std() / math.sqrt(episodes))
