@@ -30,8 +30,10 @@ class EpisodeSampler:
     """N-way K-shot episodes from one split's classes (a character at one rotation is a class).
 
     Example:
-        >>> sampler = EpisodeSampler(load_omniglot(), "train", ways=5, shots=1, queries=15)  # doctest: +SKIP
-        >>> episode = sampler.sample(torch.Generator().manual_seed(0))  # doctest: +SKIP
+        >>> from learnedopt.data import load_omniglot
+        >>> sampler = EpisodeSampler(load_omniglot(), "train", ways=5, shots=1, queries=15)
+        >>> sampler.sample(torch.Generator().manual_seed(0)).query_x.shape
+        torch.Size([75, 1, 28, 28])
     """
 
     def __init__(self, data: Omniglot, split: str, ways: int, shots: int, queries: int) -> None:

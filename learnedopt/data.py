@@ -68,7 +68,7 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None, download: bool = 
     """Load MNIST from the resolved data root; download into it only when it is the default cache.
 
     Example:
-        >>> mnist = load_mnist()  # doctest: +SKIP
+        >>> mnist = load_mnist()
         >>> mnist.train_images.shape
         torch.Size([60000, 1, 28, 28])
     """

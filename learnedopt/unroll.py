@@ -91,7 +91,7 @@ def unroll(
         >>> import torch, learnedopt
         >>> loss = lambda p, _: (p["x"] ** 2).sum()
         >>> out = learnedopt.unroll(loss, {"x": torch.ones(3)}, learnedopt.sgd(0.25), None, 2, lambda t: None)
-        >>> out.losses
+        >>> out.losses.detach()
         tensor([3.0000, 0.7500, 0.1875])
     """
     if steps < 0:
