@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test typecheck venv clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy learnedopt meta_train baselines --ignore-missing-imports
 
 clean:
 	rm -rf runs .pytest_cache

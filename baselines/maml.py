@@ -8,7 +8,7 @@ graph; first order detaches it, so the meta-gradient is the query gradient at th
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ Params = dict[str, Tensor]
 
 def adapt(
     model: nn.Module,
-    params: Params,
+    params: Mapping[str, Tensor],
     episode: Episode,
     steps: int,
     inner_lr: float,

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         if algorithm == "maml":
             tr.add_argument("--dataset", choices=["omniglot", "sinusoid"], default="omniglot")
             tr.add_argument("--first-order", action="store_true")
-            tr.add_argument("--inner-steps", type=_positive, default=1)
+            tr.add_argument("--inner-steps", type=int, default=1,
+                            help="inner SGD steps (0: joint training, the 'pretrained' baseline of the MAML paper)")
             tr.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (Omniglot), 0.01 (sinusoid)")
             tr.add_argument("--meta-batch", type=_positive, default=32)
         ev = fs_sub.add_parser("eval", help="mean test score and 95%% confidence interval over test episodes")

@@ -31,7 +31,7 @@ def candidate_roots(data_dir: str | os.PathLike[str] | None = None) -> list[tupl
         return [(Path(data_dir).expanduser(), "--data-dir")]
     if os.environ.get("LEARNEDOPT_DATA"):
         return [(Path(os.environ["LEARNEDOPT_DATA"]).expanduser(), "LEARNEDOPT_DATA")]
-    roots = []
+    roots: list[tuple[Path, str]] = []
     for base in (_PROJECT_ROOT, Path.cwd()):
         shared = (base / ".." / "shared" / "data").resolve()
         if shared.is_dir() and all(shared != r for r, _ in roots):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,7 @@ class CoordinatewiseLSTM(nn.Module):
         x = preprocess_gradient(grad, self.config.preprocess_p)
         new_h, new_c = [], []
         for layer, cell in enumerate(self.cells):
-            x, cl = _lstm_cell(cell, x, h[layer], c[layer])
+            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h[layer], c[layer])
             new_h.append(x)
             new_c.append(cl)
         update = self.head(x).squeeze(-1) * self.config.output_scale

@@ -92,9 +92,8 @@ class RuleOptimizer(Optimizer):
                 for p in params:
                     if not self.state[p]:
                         self.state[p].update(rule.init([p])[0])
-                updates, new_state = rule.update(
-                    [p.grad for p in params], [self.state[p] for p in params], params
-                )
+                grads = [p.grad for p in params if p.grad is not None]
+                updates, new_state = rule.update(grads, [self.state[p] for p in params], params)
                 for p, u, s in zip(params, updates, new_state):
                     p.add_(u, alpha=float(group["lr"]))
                     self.state[p].update(s)
@@ -142,6 +141,8 @@ class LearnedOptimizer(RuleOptimizer):
         ...     loss.backward()
         ...     opt.step()
     """
+
+    rule: LSTMRule
 
     def __init__(
         self,

@@ -113,11 +113,11 @@ def unroll(
             if t == steps:
                 losses.append(loss if track else loss.detach())
                 break
-            grads = torch.autograd.grad(
+            raw = torch.autograd.grad(
                 loss.sum(), theta, create_graph=track and second_order, retain_graph=track, allow_unused=True
             )
         losses.append(loss if track else loss.detach())
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads)]
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, raw)]
         if not second_order:
             grads = [g.detach() for g in grads]
         updates, state = rule.update(grads, state, theta)

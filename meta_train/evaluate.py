@@ -10,12 +10,21 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from learnedopt import LSTMRule, UnrollResult, UpdateRule, adam, load_net, rmsprop, sgd, unroll
+from learnedopt import (
+    LSTMRule,
+    UnrollResult,
+    UpdateRule,
+    adam,
+    load_net,
+    rmsprop,
+    sgd,
+    unroll,
+)
 
 from .tasks import Task
 
@@ -100,13 +109,13 @@ class Curves:
         if accuracy is not None:
             self.accuracy[name] = accuracy.double().cpu()
 
-    def summary(self, reference: str = "Adam") -> list[dict[str, object]]:
+    def summary(self, reference: str = "Adam") -> list[dict[str, Any]]:
         """One row per optimizer: final-loss statistics and ratios to ``reference``."""
         finals = self.finals
         ref = finals.get(reference)
         rows = []
         for name, final in finals.items():
-            row: dict[str, object] = {
+            row: dict[str, Any] = {
                 "optimizer": name,
                 "lr": self.lrs.get(name),
                 "median": float(final.median()),

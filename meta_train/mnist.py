@@ -7,6 +7,7 @@ minibatch sequence. All copies run in one call through ``torch.func.vmap`` over 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -20,13 +21,22 @@ __all__ = ["MNIST_VARIANTS", "mnist_model", "MNISTTask", "MNISTFamily", "MNISTMi
 
 Params = dict[str, Tensor]
 
-# name -> (hidden sizes, activation, conv?) ; the paper's base MLP is one hidden layer of 20 sigmoid units
-MNIST_VARIANTS: dict[str, dict[str, object]] = {
-    "mnist-mlp": {"hidden": (20,), "activation": "sigmoid"},
-    "mnist-mlp-40": {"hidden": (40,), "activation": "sigmoid"},
-    "mnist-mlp-2layer": {"hidden": (20, 20), "activation": "sigmoid"},
-    "mnist-mlp-relu": {"hidden": (20,), "activation": "relu"},
-    "mnist-conv": {"conv": True},
+@dataclass(frozen=True)
+class Variant:
+    """An MNIST optimizee: an MLP with these hidden layers and activation, or the small conv net."""
+
+    hidden: tuple[int, ...] = (20,)
+    activation: str = "sigmoid"
+    conv: bool = False
+
+
+# The paper's base MLP is one hidden layer of 20 sigmoid units; the others are its Figure 5 rows, plus a conv net.
+MNIST_VARIANTS: dict[str, Variant] = {
+    "mnist-mlp": Variant(),
+    "mnist-mlp-40": Variant(hidden=(40,)),
+    "mnist-mlp-2layer": Variant(hidden=(20, 20)),
+    "mnist-mlp-relu": Variant(activation="relu"),
+    "mnist-conv": Variant(conv=True),
 }
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
@@ -35,7 +45,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"sigmoid": nn.Sigmoid, "relu
 def mnist_model(variant: str) -> nn.Module:
     """A freshly initialized network for ``variant`` (see :data:`MNIST_VARIANTS`)."""
     spec = MNIST_VARIANTS[variant]
-    if spec.get("conv"):
+    if spec.conv:
         # A small conv net the paper never tried: 2 strided 3x3 convolutions, then a linear classifier.
         return nn.Sequential(
             nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
@@ -44,8 +54,8 @@ def mnist_model(variant: str) -> nn.Module:
         )
     layers: list[nn.Module] = [nn.Flatten()]
     width = 28 * 28
-    for hidden in spec["hidden"]:  # type: ignore[union-attr]
-        layers += [nn.Linear(width, hidden), _ACTIVATIONS[str(spec["activation"])]()]
+    for hidden in spec.hidden:
+        layers += [nn.Linear(width, hidden), _ACTIVATIONS[spec.activation]()]
         width = hidden
     layers.append(nn.Linear(width, 10))
     return nn.Sequential(*layers)

@@ -7,7 +7,7 @@ each problem's gradient is its own, unscaled.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ class TaskFamily(Protocol):
         """Draw ``num_tasks`` problems as one batched :class:`Task`."""
         ...
 
-    def components(self) -> list["TaskFamily"]:
+    def components(self) -> Sequence["TaskFamily"]:
         """The families scored separately on held-out tasks: ``[self]``, or a mixture's members."""
         ...
 
@@ -112,7 +112,7 @@ def _mnist_family(variants: tuple[str, ...], name: str) -> Callable[..., TaskFam
 
 
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {
-    "quadratic": lambda data_dir=None, device="cpu": QuadraticFamily(device=device),
+    "quadratic": lambda data_dir=None, device="cpu": QuadraticFamily(device=device),  # no data needed
     **{v: _mnist_family((v,), v) for v in MNIST_VARIANTS},
     "mnist-mix": _mnist_family(("mnist-mlp", "mnist-mlp-relu"), "mnist-mix"),  # sigmoid and ReLU MLPs
     "mnist-all": _mnist_family(tuple(MNIST_VARIANTS), "mnist-all"),  # every variant of the study

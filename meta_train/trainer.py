@@ -14,10 +14,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LSTMConfig, LSTMRule, load_net, save_net, unroll
+from learnedopt import (
+    CoordinatewiseLSTM,
+    LSTMConfig,
+    LSTMRule,
+    load_net,
+    save_net,
+    unroll,
+)
 from learnedopt.pretrained import atomic_save
 
 from .evaluate import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
@@ -152,15 +160,11 @@ class MetaTrainer:
         transform = torch.log if cfg.objective == "log" else None
         total = 0.0
         for start in range(0, cfg.horizon, cfg.unroll):
-            out = unroll(
-                task.loss,
-                params,
-                rule,
-                state,
-                cfg.unroll,
-                lambda t, start=start: task.batch(start + t),
-                transform=transform,
-            )
+
+            def batch(t: int, start: int = start) -> Any:
+                return task.batch(start + t)
+
+            out = unroll(task.loss, params, rule, state, cfg.unroll, batch, transform=transform)
             self.meta_opt.zero_grad()
             out.meta_loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip)

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from learnedopt import LSTMRule, load_net
-from meta_train.evaluate import BASELINES, TEST_SEED, TUNE_SEED, final_score, run_rule, tune_lr
+from meta_train.evaluate import (
+    BASELINES,
+    TEST_SEED,
+    TUNE_SEED,
+    final_score,
+    run_rule,
+    tune_lr,
+)
 from meta_train.tasks import QuadraticFamily, get_family
 from meta_train.trainer import MetaTrainConfig, MetaTrainer
 

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 import learnedopt
-from learnedopt.data import DataNotFoundError, candidate_roots, load_mnist, resolve_data_root
+from learnedopt.data import (
+    DataNotFoundError,
+    candidate_roots,
+    load_mnist,
+    resolve_data_root,
+)
 from meta_train.evaluate import TUNE_SEED, tune_lr
 from meta_train.mnist import MNISTFamily, mnist_model
 

@@ -5,7 +5,6 @@ import torch
 
 import learnedopt
 
-
 CASES = [
     (lambda: learnedopt.sgd(0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
     (lambda: learnedopt.sgd(0.1, 0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
