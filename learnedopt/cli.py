@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--eval-tasks", type=int, default=0, help="held-out tasks per evaluation (0: the task's default)")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    demo = sub.add_parser("demo", help="meta-train on quadratics (~2 min), compare with tuned Adam/SGD, plot")
+    demo = sub.add_parser("demo", help="meta-train on quadratics (~3 min), compare with tuned Adam/SGD, plot")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--iterations", type=_positive, default=200)
     demo.add_argument("--seed", type=int, default=0)
