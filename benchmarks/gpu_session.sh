@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$out/gpu.txt"
 [ -n "${CONTINUE_FROM:-}" ] || { python3 -m pytest -q -p no:cacheprovider tests/test_optimizer.py 2>&1 | tail -5
-  python3 benchmarks/step_overhead.py --device cuda --sizes 10000 100000 1000000 10000000; } > "$out/cuda.txt" 2>&1
+  python3 benchmarks/step.py --device cuda --chunk-size 65536; } > "$out/cuda.txt" 2>&1
 train() {  # name, then meta-train arguments
   local name=$1; shift
   python3 -m learnedopt.cli meta-train --out "/tmp/runs/$name" --device cuda --data-dir "$data" --no-progress \

@@ -8,6 +8,7 @@ Example:
     True
 """
 
+from .estimators import ESTIMATORS, AntitheticES, GradientEstimator, PersistentES, TruncatedBackprop
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule, preprocess_gradient
 from .optimizer import LearnedOptimizer, RuleOptimizer
 from .pretrained import DEFAULT_NET, list_pretrained, load_net, net_info, save_net
@@ -17,14 +18,19 @@ from .unroll import UnrollResult, default_weights, module_loss, unroll
 __version__ = "0.1.0"
 
 __all__ = [
+    "AntitheticES",
     "CoordinatewiseLSTM",
     "DEFAULT_NET",
+    "ESTIMATORS",
+    "GradientEstimator",
     "LSTMConfig",
     "LSTMRule",
     "LearnedOptimizer",
     "ParamState",
+    "PersistentES",
     "RuleOptimizer",
     "RuleState",
+    "TruncatedBackprop",
     "UnrollResult",
     "UpdateRule",
     "adam",

@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    mt = sub.add_parser("meta-train", help="meta-train an LSTM optimizer by truncated BPTT; writes OUT/net.pt")
+    mt = sub.add_parser("meta-train", help="meta-train an LSTM optimizer on truncated unrolls; writes OUT/net.pt",
+                        description="Meta-train an LSTM optimizer. Under torchrun (torchrun --nproc_per_node N -m "
+                        "meta_train ...) the task batch is split across processes.")
     mt.add_argument("--task", default="quadratic", help="task family (default: quadratic)")
     mt.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, net.pt, TensorBoard logs")
     mt.add_argument("--iterations", type=_positive, default=300, help="meta-iterations (each: one horizon)")
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop (with a checkpoint) once this much time is spent; --resume continues")
     mt.add_argument("--init-net", default=None, help="start from this net (packaged name, net.pt or run folder)")
     mt.add_argument("--eval-tasks", type=int, default=0, help="held-out tasks per evaluation (0: the task's default)")
+    mt.add_argument("--estimator", choices=["tbptt", "es", "pes"], default="tbptt",
+                    help="meta-gradient: truncated backprop (default), antithetic ES, or persistent ES (unbiased)")
+    mt.add_argument("--es-pairs", type=_positive, default=8, help="antithetic pairs per truncation (es, pes)")
+    mt.add_argument("--es-sigma", type=float, default=0.01, help="perturbation standard deviation (es, pes)")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     demo = sub.add_parser("demo", help="meta-train on quadratics (~3 min), compare with tuned Adam/SGD, plot")
@@ -66,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot-only", action="store_true", help="re-render the table and PNG from the JSON")
     bench.add_argument("--split", choices=["test", "tune"], default="test",
                        help="report on held-out test tasks (default) or on the tuning tasks (to select nets)")
+    bench.add_argument("--state-dtype", action="append", choices=["float32", "bfloat16"], default=None,
+                       help="hidden-state dtype of the nets (repeatable: one row per net and dtype; default float32)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
 
@@ -135,7 +143,10 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             print(f"{name}: trained on {info.get('task', '?')} for {info.get('iteration', '?')} iterations")
         return 0
     if args.command == "meta-train":
+        from meta_train.distributed import init_from_environment, rank_and_world
         from meta_train.trainer import MetaTrainConfig, MetaTrainer
+
+        init_from_environment(args.device)
 
         config = MetaTrainConfig(
             task=args.task,
@@ -152,9 +163,14 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             data_dir=args.data_dir,
             eval_tasks=args.eval_tasks,
             init_net=args.init_net,
+            estimator=args.estimator,
+            es_pairs=args.es_pairs,
+            es_sigma=args.es_sigma,
         )
         trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
         trainer.train(time_budget=args.time_budget)
+        if rank_and_world()[0] != 0:
+            return 0
         print(f"wrote {args.out / 'net.pt'} (use: LearnedOptimizer(params, net={str(args.out / 'net.pt')!r}))")
         return 0
     if args.command == "demo":
@@ -164,6 +180,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         print(f"\nwrote {args.out / 'demo.png'}, {args.out / 'demo.md'}")
         return 0
     if args.command == "benchmark":
+        import torch
+
         from learnedopt import DEFAULT_NET
         from meta_train.evaluate import BASELINES
         from meta_train.reports import benchmark
@@ -178,6 +196,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             benchmark(
                 args.task, nets, args.steps, args.tasks, baselines, args.out, name, command,
                 plot_only=args.plot_only, data_dir=args.data_dir, device=args.device, split=args.split,
+                state_dtypes=[getattr(torch, d) for d in args.state_dtype or ["float32"]],
             )
         )
         print(f"\nwrote {args.out / (name + '.md')}, .json, .png")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence, cast
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +86,11 @@ class CoordinatewiseLSTM(nn.Module):
         return zeros, zeros.clone()
 
     def forward(self, grad: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        h, c = state
+        update, hs, cs = self.step(grad, state[0], state[1])
+        return update, (torch.stack(hs), torch.stack(cs))
+
+    def step(self, grad: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """:meth:`forward` with the new state as one ``(N, hidden_size)`` tensor per layer (no stacking copy)."""
         x = preprocess_gradient(grad, self.config.preprocess_p)
         new_h, new_c = [], []
         for layer, cell in enumerate(self.cells):
@@ -94,18 +98,19 @@ class CoordinatewiseLSTM(nn.Module):
             new_h.append(x)
             new_c.append(cl)
         update = self.head(x).squeeze(-1) * self.config.output_scale
-        return update, (torch.stack(new_h), torch.stack(new_c))
+        return update, new_h, new_c
 
 
 def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """``nn.LSTMCell``'s math with one matmul for both inputs and one contiguous sigmoid over all gates.
+    """``nn.LSTMCell``'s math with one matmul for inputs, state and bias, and one contiguous sigmoid.
 
     On CPUs the stock cell applies sigmoid to strided gate slices, which does not vectorize; computing it over
-    the whole contiguous gate matrix (the cell-gate columns are wasted work) is ~1.6x faster per step.
+    the whole contiguous gate matrix (the cell-gate columns are wasted work) is ~1.6x faster per step. The bias
+    rides in the matmul as a column of ones: ``addmm`` would first copy the broadcast bias into every row.
     """
     size = cell.hidden_size
-    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
-    gates = torch.addmm(cell.bias_ih + cell.bias_hh, torch.cat((x, h), dim=1), weight.t())
+    weight = torch.cat((cell.weight_ih, cell.weight_hh, (cell.bias_ih + cell.bias_hh).unsqueeze(1)), dim=1)
+    gates = torch.mm(torch.cat((x, h, torch.ones_like(h[:, :1])), dim=1), weight.t())
     sig = torch.sigmoid(gates)  # gate order of nn.LSTMCell: input, forget, cell, output
     candidate = torch.tanh(gates[:, 2 * size : 3 * size])
     new_c = torch.addcmul(sig[:, size : 2 * size] * c, sig[:, :size], candidate)
@@ -116,9 +121,17 @@ def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tens
 class LSTMRule:
     """The LSTM optimizer as an update rule (see :mod:`learnedopt.rules`).
 
+    All coordinates of all tensors passed to :meth:`update` form one flat batch, processed in chunks of
+    ``chunk_size`` rows (the multi-tensor idea of ``torch.optim``'s ``foreach`` paths): a large tensor is split
+    across chunks, small tensors (biases, norms) share one, so a model with hundreds of small tensors costs a
+    few LSTM calls rather than hundreds, and a chunk's working set stays in cache. Parameters never leave their
+    device.
+
     Computation runs in the net's dtype; the hidden state is stored in ``state_dtype`` (default: the net's dtype)
-    and the update is returned in each parameter's dtype. Coordinates are processed in chunks of ``chunk_size``
-    rows, which keeps the LSTM's working set in cache.
+    and the update is returned in each parameter's dtype. ``compile=True`` runs the net through
+    :func:`torch.compile` when autograd is off (the :class:`~learnedopt.LearnedOptimizer` path; the
+    differentiable unroll keeps eager mode, which supports second-order gradients); it fuses the gate
+    nonlinearities and the cell update and changes results only within float rounding.
 
     Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets a zero update and keeps its previous
     hidden state, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]`` counts how
@@ -126,21 +139,27 @@ class LSTMRule:
 
     Example:
         >>> rule = LSTMRule(CoordinatewiseLSTM())
-        >>> params = [torch.zeros(3, 4)]
+        >>> params = [torch.zeros(3, 4), torch.zeros(4)]
         >>> state = rule.init(params)
-        >>> updates, state = rule.update([torch.ones(3, 4)], state, params)
-        >>> updates[0].shape, state[0]["h"].shape
-        (torch.Size([3, 4]), torch.Size([2, 12, 20]))
+        >>> updates, state = rule.update([torch.ones(3, 4), torch.ones(4)], state, params)
+        >>> updates[0].shape, state[0]["h"].shape, state[1]["h"].shape
+        (torch.Size([3, 4]), torch.Size([2, 12, 20]), torch.Size([2, 4, 20]))
     """
 
     def __init__(
-        self, net: CoordinatewiseLSTM, state_dtype: torch.dtype | None = None, chunk_size: int = 16384
+        self,
+        net: CoordinatewiseLSTM,
+        state_dtype: torch.dtype | None = None,
+        chunk_size: int = 16384,
+        compile: bool = False,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.net = net
         self.state_dtype = state_dtype
         self.chunk_size = chunk_size
+        self.compile = compile
+        self._compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]] | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -155,49 +174,102 @@ class LSTMRule:
         return state
 
     def update(
-        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor]
+        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor], *, inplace: bool = False
     ) -> tuple[list[Tensor], RuleState]:
-        updates, new_state = [], []
-        for g, s, p in zip(grads, state, params):
-            update, h, c, skipped = self._update_one(g.reshape(-1), s["h"], s["c"])
-            updates.append(update.reshape(p.shape).to(p.dtype))
-            new_state.append({"h": h, "c": c, "nonfinite": s["nonfinite"] + skipped})
-        return updates, new_state
+        """The updates and the new state; ``inplace=True`` writes the new hidden state into ``state``'s tensors.
 
-    def _chunks(self, n: int) -> list[slice]:
-        return [slice(start, start + self.chunk_size) for start in range(0, n, self.chunk_size)]
-
-    def _update_one(self, g: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        In-place is what :class:`~learnedopt.LearnedOptimizer` uses under ``torch.no_grad``: the caller gives up
+        the old state, and the step allocates no new 320 bytes per coordinate (fresh multi-megabyte buffers cost
+        page faults on every step). The default keeps the rule pure, as the unroll engine needs.
+        """
+        if inplace and torch.is_grad_enabled() and any(s["h"].requires_grad for s in state):
+            raise RuntimeError("inplace=True cannot overwrite a hidden state that autograd tracks; use inplace=False")
         dtype = self.compute_dtype
-        store = h.dtype
-        if g.numel() == 0:
-            return torch.zeros_like(g), h, c, torch.zeros((), dtype=torch.int64, device=g.device)
-        finite = torch.isfinite(g)
-        all_finite = bool(finite.all())
-        g = g.to(dtype) if all_finite else torch.where(finite, g, 0.0).to(dtype)
-        if g.numel() <= self.chunk_size:
-            update, (new_h, new_c) = self.net(g, (h.to(dtype), c.to(dtype)))
-            new_h, new_c = new_h.to(store), new_c.to(store)
+        flat, finite = [], []
+        for g in grads:
+            g = g.reshape(-1)
+            mask = torch.isfinite(g)
+            all_finite = bool(mask.all())
+            finite.append(None if all_finite else mask)
+            flat.append((g if all_finite else torch.where(mask, g, 0.0)).to(dtype))
+        hs, cs = [s["h"] for s in state], [s["c"] for s in state]
+        if inplace:
+            new_hs, new_cs = hs, cs
         elif torch.is_grad_enabled():
-            outs, hs, cs = [], [], []
-            for rows in self._chunks(g.numel()):
-                u, (hc, cc) = self.net(g[rows], (h[:, rows].to(dtype), c[:, rows].to(dtype)))
-                outs.append(u)
-                hs.append(hc)
-                cs.append(cc)
-            update, new_h, new_c = torch.cat(outs), torch.cat(hs, dim=1).to(store), torch.cat(cs, dim=1).to(store)
-        else:  # the in-place optimizer's path: write each chunk straight into the new state (one copy, not two)
-            update, new_h, new_c = torch.empty_like(g), torch.empty_like(h), torch.empty_like(c)
-            for rows in self._chunks(g.numel()):
-                update[rows], (new_h[:, rows], new_c[:, rows]) = self.net(
-                    g[rows], (h[:, rows].to(dtype), c[:, rows].to(dtype))
+            new_hs, new_cs = [[] for _ in hs], [[] for _ in cs]  # pieces, concatenated below (autograd-friendly)
+        else:
+            new_hs, new_cs = [torch.empty_like(h) for h in hs], [torch.empty_like(c) for c in cs]
+        updates = [torch.zeros_like(g) if torch.is_grad_enabled() else torch.empty_like(g) for g in flat]
+        pieces_of: list[list[Tensor]] = [[] for _ in flat]
+        for pieces in self._plan([g.numel() for g in flat]):
+            if len(pieces) == 1:
+                i, rows = pieces[0]
+                inputs = flat[i][rows], hs[i][:, rows].to(dtype), cs[i][:, rows].to(dtype)
+            else:
+                inputs = (
+                    torch.cat([flat[i][rows] for i, rows in pieces]),
+                    torch.cat([hs[i][:, rows].to(dtype) for i, rows in pieces], dim=1),
+                    torch.cat([cs[i][:, rows].to(dtype) for i, rows in pieces], dim=1),
                 )
-        if all_finite:
-            return update, new_h, new_c, torch.zeros((), dtype=torch.int64, device=g.device)
-        keep = finite.unsqueeze(-1)
-        return (
-            torch.where(finite, update, 0.0),
-            torch.where(keep, new_h, h),
-            torch.where(keep, new_c, c),
-            (~finite).sum(),
-        )
+            update, new_h, new_c = self._step_function(inputs[0].numel())(*inputs)
+            offset = 0
+            for i, rows in pieces:
+                part = slice(offset, offset + rows.stop - rows.start)
+                offset = part.stop
+                u, h_new, c_new = update[part], [h[part] for h in new_h], [c[part] for c in new_c]
+                if finite[i] is not None:  # a non-finite gradient: zero update, keep the old state
+                    keep = finite[i][rows]
+                    u = torch.where(keep, u, 0.0)
+                    h_new = [torch.where(keep.unsqueeze(-1), h, old) for h, old in zip(h_new, hs[i][:, rows])]
+                    c_new = [torch.where(keep.unsqueeze(-1), c, old) for c, old in zip(c_new, cs[i][:, rows])]
+                if torch.is_grad_enabled() and not inplace:
+                    pieces_of[i].append(u)
+                    new_hs[i].append(torch.stack(h_new))
+                    new_cs[i].append(torch.stack(c_new))
+                else:  # one copy per layer, straight into the new state
+                    updates[i][rows] = u
+                    for layer, (h, c) in enumerate(zip(h_new, c_new)):
+                        new_hs[i][layer, rows] = h
+                        new_cs[i][layer, rows] = c
+        new_state = []
+        for i, (s, p) in enumerate(zip(state, params)):
+            if pieces_of[i]:
+                updates[i] = torch.cat(pieces_of[i])
+                new_hs[i] = torch.cat(new_hs[i], dim=1).to(hs[i].dtype)
+                new_cs[i] = torch.cat(new_cs[i], dim=1).to(cs[i].dtype)
+            elif isinstance(new_hs[i], list):  # an empty tensor under autograd
+                new_hs[i], new_cs[i] = hs[i], cs[i]
+            skipped = (~finite[i]).sum() if finite[i] is not None else 0
+            new_state.append({"h": new_hs[i], "c": new_cs[i], "nonfinite": s["nonfinite"] + skipped})
+        return [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], new_state
+
+    def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
+        """The net's step, compiled for full chunks when asked (one static shape: no recompiles, no guards on
+        sizes); a last, partial chunk and every differentiable call run eagerly."""
+        if not self.compile or torch.is_grad_enabled() or rows != self.chunk_size:
+            return self.net.step
+        if self._compiled is None:
+            self._compiled = torch.compile(self.net.step, dynamic=False)
+        return self._compiled
+
+    def _plan(self, sizes: Sequence[int]) -> list[list[tuple[int, slice]]]:
+        """Split the concatenation of all tensors' coordinates into chunks of ``chunk_size`` rows.
+
+        Each chunk is a list of ``(tensor index, row range)`` pieces: one piece where a chunk lies inside one
+        tensor (its rows are then views, with no copy), several where small tensors share a chunk.
+        """
+        chunks: list[list[tuple[int, slice]]] = []
+        current: list[tuple[int, slice]] = []
+        filled = 0
+        for index, n in enumerate(sizes):
+            start = 0
+            while start < n:
+                take = min(n - start, self.chunk_size - filled)
+                current.append((index, slice(start, start + take)))
+                filled, start = filled + take, start + take
+                if filled == self.chunk_size:
+                    chunks.append(current)
+                    current, filled = [], 0
+        if current:
+            chunks.append(current)
+        return chunks

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .lstm import CoordinatewiseLSTM, LSTMRule
-from .rules import UpdateRule
+from .rules import RuleState, UpdateRule
 
 __all__ = ["RuleOptimizer", "LearnedOptimizer"]
 
@@ -68,6 +68,12 @@ class RuleOptimizer(Optimizer):
         """The rule to run for parameters on ``device`` (a subclass may keep one copy per device)."""
         return self.rule
 
+    def _apply_rule(
+        self, rule: UpdateRule, grads: list[Tensor], state: RuleState, params: list[Tensor]
+    ) -> tuple[list[Tensor], RuleState]:
+        """One call of the rule; a subclass may let a rule reuse the old state's memory."""
+        return rule.update(grads, state, params)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Take one optimization step; returns ``closure()``'s loss when a closure is given."""
@@ -93,7 +99,7 @@ class RuleOptimizer(Optimizer):
                     if not self.state[p]:
                         self.state[p].update(rule.init([p])[0])
                 grads = [p.grad for p in params if p.grad is not None]
-                updates, new_state = rule.update(grads, [self.state[p] for p in params], params)
+                updates, new_state = self._apply_rule(rule, grads, [self.state[p] for p in params], params)
                 for p, u, s in zip(params, updates, new_state):
                     p.add_(u, alpha=float(group["lr"]))
                     self.state[p].update(s)
@@ -124,7 +130,10 @@ class LearnedOptimizer(RuleOptimizer):
             default, with no network access.
         lr: multiplies the net's output (1.0 reproduces the meta-trained behaviour); schedulers may change it.
         state_dtype: dtype of the per-coordinate hidden state (default: the net's, float32).
-        chunk_size: coordinates per LSTM call; chunks of ~10-16k rows are fastest on CPUs.
+        chunk_size: coordinates per LSTM call; all parameters of a group form one flat batch that is cut into
+            chunks of this many rows (~10-16k rows are fastest on CPUs, ~64k on GPUs).
+        compile: run the net through :func:`torch.compile` (fused gate math; results equal within float
+            rounding). The first steps pay the compilation, ~10-30 s on a CPU.
 
     Per-parameter hidden state lives in ``self.state[p]`` (``"h"``, ``"c"``, ``"nonfinite"``), so
     ``state_dict()`` / ``load_state_dict()`` round-trip exactly. A NaN or infinite gradient coordinate gets a
@@ -152,6 +161,7 @@ class LearnedOptimizer(RuleOptimizer):
         *,
         state_dtype: torch.dtype | None = None,
         chunk_size: int = 16384,
+        compile: bool = False,
     ) -> None:
         from .pretrained import DEFAULT_NET, load_net
 
@@ -166,7 +176,7 @@ class LearnedOptimizer(RuleOptimizer):
         if state_dtype is not None and not state_dtype.is_floating_point:
             raise TypeError(f"state_dtype must be a floating-point dtype, got {state_dtype}")
         self.net = net
-        rule = LSTMRule(net, state_dtype, chunk_size)
+        rule = LSTMRule(net, state_dtype, chunk_size, compile)
         self._rules: dict[torch.device, LSTMRule] = {net.head.weight.device: rule}
         super().__init__(params, rule, lr)
 
@@ -174,5 +184,12 @@ class LearnedOptimizer(RuleOptimizer):
         """The rule whose net lives on ``device``: the net is copied once per device it is needed on."""
         if device not in self._rules:
             net = copy.deepcopy(self.net).to(device)
-            self._rules[device] = LSTMRule(net, self.rule.state_dtype, self.rule.chunk_size)
+            self._rules[device] = LSTMRule(net, self.rule.state_dtype, self.rule.chunk_size, self.rule.compile)
         return self._rules[device]
+
+    def _apply_rule(
+        self, rule: UpdateRule, grads: list[Tensor], state: RuleState, params: list[Tensor]
+    ) -> tuple[list[Tensor], RuleState]:
+        """The LSTM rule overwrites the hidden state in place: ``self.state`` holds the only reference to it."""
+        assert isinstance(rule, LSTMRule)
+        return rule.update(grads, state, params, inplace=True)

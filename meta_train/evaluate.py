@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -216,18 +216,23 @@ def compare(
     steps: int,
     title: str,
     eval_seed: int = TEST_SEED,
+    state_dtypes: Sequence[torch.dtype] = (torch.float32,),
 ) -> Curves:
     """Tune each baseline's lr on ``tune_task``, then run every net and baseline on ``test_task``.
 
     ``eval_seed`` draws the initial parameters on ``test_task``. Where the task can score test accuracy
-    (``test_task.test_accuracy(params)``), it is recorded too.
+    (``test_task.test_accuracy(params)``), it is recorded too. Each net runs once per hidden-state dtype in
+    ``state_dtypes``; rows other than float32 are labelled with their dtype.
     """
     curves = Curves(title, steps)
     tuning: dict[str, dict[float, float]] = {}
     rules: dict[str, UpdateRule] = {}
     lrs: dict[str, float | None] = {}
     for name, source in nets.items():
-        rules[name], lrs[name] = LSTMRule(load_net(source).to(test_task.device)), None
+        net = load_net(source).to(test_task.device)
+        for dtype in state_dtypes:
+            label = name if dtype == torch.float32 else f"{name} ({str(dtype).removeprefix('torch.')} state)"
+            rules[label], lrs[label] = LSTMRule(net, state_dtype=dtype), None
     for name in baselines:
         make = BASELINES[name]
         lr, tuning[name] = tune_lr(tune_task, make, steps)

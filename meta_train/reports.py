@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -58,6 +59,7 @@ def benchmark(
     data_dir: str | None = None,
     device: str = "cpu",
     split: str = "test",
+    state_dtypes: Sequence[torch.dtype] = (torch.float32,),
 ) -> str:
     """Compare nets with tuned baselines on ``num_tasks`` held-out tasks; write ``name``.{md,json,png}.
 
@@ -78,7 +80,7 @@ def benchmark(
     eval_task = family.sample(num_tasks, torch.Generator().manual_seed(eval_seed))
     title = f"{task}: {num_tasks} {'held-out' if split == 'test' else 'tuning'} tasks, {steps} steps"
     started = time.perf_counter()
-    curves = compare(tune_task, eval_task, {n: n for n in nets}, baselines, steps, title, eval_seed)
+    curves = compare(tune_task, eval_task, {n: n for n in nets}, baselines, steps, title, eval_seed, state_dtypes)
     curves.meta.update(command=command, hardware=hardware(), seconds=round(time.perf_counter() - started, 1))
     _log_tensorboard(curves, out / "tb" / name)
     return _write(curves, out, name)

@@ -66,12 +66,14 @@ class QuadraticTask:
         theta = torch.randn(self.y.shape, generator=generator, dtype=self.y.dtype) * self.init_std
         return {"theta": theta.to(self.device)}
 
-    def loss(self, params: Params, batch: Any = None) -> Tensor:
-        residual = torch.einsum("nij,nj->ni", self.W, params["theta"]) - self.y
+    def loss(self, params: Params, batch: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        W, y = (self.W, self.y) if batch is None else batch
+        residual = torch.einsum("nij,nj->ni", W, params["theta"]) - y
         return (residual * residual).sum(dim=-1)
 
-    def batch(self, step: int) -> None:
-        return None
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The problem data itself (the same at every step): a shard of the tasks slices it like parameters."""
+        return self.W, self.y
 
 
 class QuadraticFamily:

@@ -1,8 +1,10 @@
-"""Meta-training of the LSTM optimizer by truncated backpropagation through unrolled optimization.
+"""Meta-training of the LSTM optimizer on truncated unrolls of optimization.
 
 An *iteration* samples a batch of tasks, optimizes them for ``horizon`` steps with the LSTM rule, and after
-every ``unroll`` steps back-propagates the truncation's meta-loss into the LSTM's weights (one Adam step of the
-meta-optimizer), carrying parameters and hidden state, detached, into the next truncation.
+every ``unroll`` steps turns the truncation into a meta-gradient for the LSTM's weights (one Adam step of the
+meta-optimizer) with a :class:`~learnedopt.GradientEstimator`: truncated backprop by default, or antithetic /
+persistent evolution strategies (``--estimator es|pes``). Under ``torchrun`` the task batch is split across
+processes and meta-gradients are averaged (:mod:`meta_train.distributed`).
 
 Runs are reproducible and resumable: all randomness comes from generators whose state is checkpointed
 (atomically) with the net and the meta-optimizer, so a resumed run gives the same weights as an uninterrupted one.
@@ -19,21 +21,24 @@ from typing import Any
 import torch
 
 from learnedopt import (
+    ESTIMATORS,
     CoordinatewiseLSTM,
     LSTMConfig,
     LSTMRule,
     load_net,
     save_net,
-    unroll,
 )
 from learnedopt.pretrained import atomic_save
 
+from .distributed import all_reduce_mean, any_rank, rank_and_world, shard
 from .evaluate import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
 from .tasks import get_family
 
 __all__ = ["MetaTrainConfig", "MetaTrainer"]
 
-_RESUME_MUST_MATCH = ("task", "horizon", "unroll", "meta_batch", "hidden_size", "num_layers", "objective", "seed")
+_RESUME_MUST_MATCH = (
+    "task", "horizon", "unroll", "meta_batch", "hidden_size", "num_layers", "objective", "seed", "estimator",
+)
 
 
 @dataclass
@@ -59,10 +64,17 @@ class MetaTrainConfig:
     device: str = "cpu"
     data_dir: str | None = None
     init_net: str | None = None  # start from these weights (a packaged name, net.pt or run folder)
+    estimator: str = "tbptt"  # meta-gradient estimator: "tbptt", "es" (antithetic ES) or "pes" (persistent ES)
+    es_pairs: int = 8  # antithetic pairs per truncation (es, pes)
+    es_sigma: float = 0.01  # standard deviation of the weight perturbations (es, pes)
 
     def __post_init__(self) -> None:
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.es_pairs < 1 or not self.es_sigma > 0:
+            raise ValueError(f"es_pairs must be >= 1 and es_sigma > 0, got {self.es_pairs} and {self.es_sigma}")
         if self.objective not in ("sum", "log"):
             raise ValueError(f"objective must be 'sum' or 'log', got {self.objective!r}")
         for name in ("iterations", "horizon", "unroll", "eval_every", "checkpoint_every"):
@@ -152,26 +164,35 @@ class MetaTrainer:
 
     # -- training ----------------------------------------------------------------------------------------------
     def meta_step(self) -> float:
-        """One iteration: sample tasks, unroll the horizon in truncations, one meta-update per truncation."""
+        """One iteration: sample tasks, unroll the horizon in truncations, one meta-update per truncation.
+
+        Under ``torch.distributed`` this rank unrolls its block of the task batch and the meta-gradients are
+        averaged over ranks before the (identical) meta-optimizer step.
+        """
         cfg = self.config
-        task = self.family.sample(cfg.meta_batch, self.generator)
-        params, state = task.init_params(self.generator), None
+        task = shard(self.family.sample(cfg.meta_batch, self.generator))
+        estimator = ESTIMATORS[cfg.estimator](pairs=cfg.es_pairs, sigma=cfg.es_sigma)
+        carry = estimator.start(task.init_params(self.generator))
         rule = LSTMRule(self.net)
+        meta_params = list(self.net.parameters())
         transform = torch.log if cfg.objective == "log" else None
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64)
         for start in range(0, cfg.horizon, cfg.unroll):
 
             def batch(t: int, start: int = start) -> Any:
                 return task.batch(start + t)
 
-            out = unroll(task.loss, params, rule, state, cfg.unroll, batch, transform=transform)
-            self.meta_opt.zero_grad()
-            out.meta_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip)
+            grads, meta_loss, carry = estimator.estimate(
+                meta_params, rule, task.loss, carry, cfg.unroll, batch, transform=transform, generator=self.generator
+            )
+            all_reduce_mean(grads)
+            for p, g in zip(meta_params, grads):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(meta_params, cfg.clip)
             self.meta_opt.step()
-            params, state = out.detached()
-            total += out.meta_loss.item()
-        return total / (cfg.horizon // cfg.unroll)
+            total += meta_loss
+        all_reduce_mean([total])
+        return total.item() / (cfg.horizon // cfg.unroll)
 
     def evaluate(self) -> dict[str, float]:
         """Score the current net against tuned Adam on held-out tuning tasks.
@@ -210,10 +231,13 @@ class MetaTrainer:
         from tqdm import tqdm
 
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(self.out / "tb"))
+        lead = rank_and_world()[0] == 0  # rank 0 alone evaluates, logs and writes files
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(self.out / "tb")) if lead else None
         bar = tqdm(
-            total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="meta-train", unit="it"
+            total=cfg.iterations, initial=self.iteration, disable=not (self.progress and lead), desc="meta-train",
+            unit="it",
         )
         deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
         try:
@@ -221,31 +245,34 @@ class MetaTrainer:
                 started = time.perf_counter()
                 meta_loss = self.meta_step()
                 self.iteration += 1
-                out_of_time = started >= deadline or time.perf_counter() >= deadline
-                writer.add_scalar("meta_loss", meta_loss, self.iteration)
-                writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
+                out_of_time = any_rank(started >= deadline or time.perf_counter() >= deadline, cfg.device)
                 bar.set_postfix(meta_loss=f"{meta_loss:.3g}")
                 bar.update()
                 last = self.iteration == cfg.iterations or out_of_time
-                if self.iteration % cfg.eval_every == 0 or last:
-                    scores = self.evaluate()
-                    for key, value in scores.items():
-                        writer.add_scalar(key, value, self.iteration)
-                    self.history.append({"iteration": self.iteration, "meta_loss": meta_loss, **scores})
-                    if scores["eval/score"] < self.best_score:
-                        self.best_score = scores["eval/score"]
-                        self._save_net("net.pt")
-                    bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{scores['eval/score']:.3f}")
-                if self.iteration % cfg.checkpoint_every == 0 or last:
-                    self._save_net("last.pt")
-                    self._save()
+                if writer is not None:
+                    writer.add_scalar("meta_loss", meta_loss, self.iteration)
+                    writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
+                    if self.iteration % cfg.eval_every == 0 or last:
+                        scores = self.evaluate()
+                        for key, value in scores.items():
+                            writer.add_scalar(key, value, self.iteration)
+                        self.history.append({"iteration": self.iteration, "meta_loss": meta_loss, **scores})
+                        if scores["eval/score"] < self.best_score:
+                            self.best_score = scores["eval/score"]
+                            self._save_net("net.pt")
+                        bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{scores['eval/score']:.3f}")
+                    if self.iteration % cfg.checkpoint_every == 0 or last:
+                        self._save_net("last.pt")
+                        self._save()
                 if out_of_time:
                     break
         finally:
             bar.close()
-            writer.close()
-        if not (self.out / "net.pt").is_file():
+            if writer is not None:
+                writer.close()
+        if lead and not (self.out / "net.pt").is_file():
             self._save_net("net.pt")
+        _barrier()
         return load_net(self.out / "net.pt")
 
     def _save_net(self, name: str) -> None:
@@ -258,3 +285,9 @@ class MetaTrainer:
             train_config=asdict(self.config),
             history=self.history,
         )
+
+
+def _barrier() -> None:
+    """Wait until rank 0 has written its files (no-op in a single process)."""
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()

@@ -48,17 +48,21 @@ def test_output_is_scaled_and_coordinatewise(small_net):
     torch.testing.assert_close(scaled(g, state)[0] * 0.1, full)
 
 
-def test_chunking_does_not_change_results(small_net):
-    g = [torch.randn(1000), torch.randn(3, 7)]
+def test_flat_batching_does_not_change_results(small_net):
+    """Chunks that split a large tensor and pack small ones (and an empty one) give each tensor's own result."""
+    g = [torch.randn(1000), torch.randn(3, 7), torch.randn(0), torch.randn(5), torch.randn(40, 2), torch.randn(1)]
     params = [torch.zeros_like(x) for x in g]
-    big, small = LSTMRule(small_net, chunk_size=10**6), LSTMRule(small_net, chunk_size=64)
-    u1, s1 = big.update(g, big.init(params), params)
-    u2, s2 = small.update(g, small.init(params), params)
-    with torch.no_grad():  # the optimizer's path writes chunks in place
-        u3, s3 = small.update(g, small.init(params), params)
-    for a, b, c in zip(u1 + [s["c"] for s in s1], u2 + [s["c"] for s in s2], u3 + [s["c"] for s in s3]):
-        torch.testing.assert_close(a, b)
-        torch.testing.assert_close(a, c)
+    alone = LSTMRule(small_net, chunk_size=10**6)
+    expected = [alone.update([x], alone.init([p]), [p]) for x, p in zip(g, params)]
+    small = LSTMRule(small_net, chunk_size=64)
+    assert len(small._plan([x.numel() for x in g])) == -(-sum(x.numel() for x in g) // 64)
+    for grad_mode in (True, False):  # the unroll engine's path, then the optimizer's in-place path
+        with torch.set_grad_enabled(grad_mode):
+            updates, state = small.update(g, small.init(params), params)
+        for (u_ref, (s_ref,)), u, s in zip(expected, updates, state):
+            torch.testing.assert_close(u, u_ref[0])
+            torch.testing.assert_close(s["h"], s_ref["h"])
+            torch.testing.assert_close(s["c"], s_ref["c"])
 
 
 def test_nonfinite_gradients_are_skipped_and_counted(small_net):

@@ -1,0 +1,132 @@
+"""Cost of one ``LearnedOptimizer.step`` against its compute floor and against ``Adam(foreach=True)``, in one run.
+
+    python benchmarks/step.py [--sizes 10000 100000 1000000 10000000] [--threads 1] [--device cpu]
+                              [--compile] [--state-dtype bfloat16] [--chunk-size 16384] [--repeats 3]
+
+For each size the table gives: the median step time; the LSTM's floating-point operations per step (the
+gate matmuls, biases, the elementwise cell math with a transcendental counted as one operation, the head and
+the gradient preprocessing); the *floor* = those FLOPs / the GEMM rate of the gate-matmul shape measured in
+this run on this device and thread count (what the step would cost if everything ran as fast as the matmuls);
+time / floor; time / ``Adam(foreach=True)``'s step on the same parameters; and optimizer state bytes per
+parameter. The parameters are one ``(n / 1000) x 1000`` weight and a 1000-element bias.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from learnedopt import CoordinatewiseLSTM, LearnedOptimizer
+
+
+def lstm_flops_per_coordinate(net: CoordinatewiseLSTM) -> int:
+    """Floating-point operations of one coordinate's LSTM step (each elementwise op, exp/tanh included, = 1)."""
+    hidden, layers = net.config.hidden_size, net.config.num_layers
+    preprocess = 6  # abs, compare, log, scale, sign, select
+    total = preprocess
+    inputs = 2
+    for _ in range(layers):
+        gates = 4 * hidden
+        total += 2 * (inputs + hidden) * gates + gates  # the fused matmul of [x, h] and the bias
+        total += 3 * hidden + 2 * hidden  # sigmoid on three gates, tanh on the candidate and on the new cell
+        total += 3 * hidden + hidden  # c' = f*c + i*g and h' = o*tanh(c')
+        inputs = hidden
+    return total + 2 * hidden + 1 + 1  # head (dot product + bias) and the output scale
+
+
+def gemm_rate(net: CoordinatewiseLSTM, rows: int, device: str, repeats: int = 20) -> float:
+    """FLOP/s of the LSTM's gate matmuls, ``(rows, in + hidden) @ (in + hidden, 4 hidden)`` for each layer."""
+    hidden = net.config.hidden_size
+    widths = [2 + hidden] + [2 * hidden] * (net.config.num_layers - 1)
+    xs = [torch.randn(rows, w, device=device) for w in widths]
+    ws = [torch.randn(w, 4 * hidden, device=device) for w in widths]
+    outs = [torch.empty(rows, 4 * hidden, device=device) for _ in widths]
+
+    def run() -> None:
+        for x, w, out in zip(xs, ws, outs):
+            torch.mm(x, w, out=out)
+
+    seconds = _median_time(run, repeats, device)
+    return sum(2 * rows * w * 4 * hidden for w in widths) / seconds
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
+    fn()  # warm-up: allocates state, compiles
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _params(n: int, device: str) -> list[torch.nn.Parameter]:
+    cols = 1000
+    weight = torch.nn.Parameter(torch.randn(max(n // cols - 1, 1), cols, device=device))
+    params = [weight, torch.nn.Parameter(torch.randn(cols, device=device))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=16384)
+    parser.add_argument("--compile", action="store_true", help="LearnedOptimizer(compile=True)")
+    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net = CoordinatewiseLSTM().to(args.device)
+    flops = lstm_flops_per_coordinate(net)
+    rate = gemm_rate(net, args.chunk_size, args.device)
+    state_dtype = getattr(torch, args.state_dtype)
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} chunk={args.chunk_size} "
+        f"compile={args.compile} state_dtype={args.state_dtype}; LSTM FLOPs/coordinate={flops:,}; "
+        f"gate-matmul GEMM rate={rate / 1e9:.1f} GFLOP/s"
+    )
+    print("| parameters | LSTM step | LSTM GFLOP/step | floor | time / floor | Adam(foreach) step | time / Adam "
+          "| LSTM state bytes/param | Adam state bytes/param |")
+    print("|---" * 9 + "|")
+    for n in args.sizes:
+        params = _params(n, args.device)
+        n = sum(p.numel() for p in params)
+        adam = torch.optim.Adam(params, lr=1e-3, foreach=True)
+        t_adam = _median_time(adam.step, args.repeats, args.device)
+        adam_bytes = _state_bytes(adam) / n
+        del adam
+        opt = LearnedOptimizer(params, net=net, chunk_size=args.chunk_size, compile=args.compile,
+                               state_dtype=state_dtype)
+        t_lstm = _median_time(opt.step, args.repeats, args.device)
+        lstm_bytes = _state_bytes(opt) / n
+        del opt
+        floor = flops * n / rate
+        print(
+            f"| {n:,} | {t_lstm * 1e3:.2f} ms | {flops * n / 1e9:.3f} | {floor * 1e3:.2f} ms | {t_lstm / floor:.1f}x "
+            f"| {t_adam * 1e3:.2f} ms | {t_lstm / t_adam:.0f}x | {lstm_bytes:.0f} | {adam_bytes:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
