@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="meta-gradient: truncated backprop (default), antithetic ES, or persistent ES (unbiased)")
     mt.add_argument("--es-pairs", type=_positive, default=8, help="antithetic pairs per truncation (es, pes)")
     mt.add_argument("--es-sigma", type=float, default=0.01, help="perturbation standard deviation (es, pes)")
+    mt.add_argument("--checkpoint-segment", type=int, default=0, metavar="K",
+                    help="tbptt: recompute K-step segments in backward instead of storing them (saves memory)")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     demo = sub.add_parser("demo", help="meta-train on quadratics (~3 min), compare with tuned Adam/SGD, plot")
@@ -166,6 +168,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             estimator=args.estimator,
             es_pairs=args.es_pairs,
             es_sigma=args.es_sigma,
+            checkpoint=args.checkpoint_segment,
         )
         trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
         trainer.train(time_budget=args.time_budget)

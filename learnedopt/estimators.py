@@ -93,11 +93,12 @@ class TruncatedBackprop:
     """Backprop through the truncation; the next one starts from its detached end (the default, ``tbptt``).
 
     ``second_order=False`` treats the optimizee's gradients as inputs, as Andrychowicz et al. (2016) do (cheaper;
-    drops the Hessian terms); ``True`` gives the exact gradient of the truncation's meta-loss.
+    drops the Hessian terms); ``True`` gives the exact gradient of the truncation's meta-loss. ``checkpoint=k``
+    recomputes segments of ``k`` steps in the backward pass instead of storing them (see :func:`unroll`).
     """
 
-    def __init__(self, second_order: bool = False) -> None:
-        self.second_order = second_order
+    def __init__(self, second_order: bool = False, checkpoint: int = 0) -> None:
+        self.second_order, self.checkpoint = second_order, checkpoint
 
     def start(self, params: Mapping[str, Tensor]) -> Trajectory:
         return Trajectory(dict(params))
@@ -115,7 +116,7 @@ class TruncatedBackprop:
         generator: torch.Generator | None = None,
     ) -> tuple[list[Tensor], float, Trajectory]:
         out = unroll(loss_fn, carry.params, rule, carry.state, steps, batch, second_order=self.second_order,
-                     transform=transform)
+                     transform=transform, checkpoint=self.checkpoint)
         raw = torch.autograd.grad(out.meta_loss, list(meta_params), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, raw)]
         params, state = out.detached()
@@ -247,8 +248,8 @@ def _noise(pairs: int, theta: Tensor, sigma: float, generator: torch.Generator |
     return (eps * sigma).to(theta.device)
 
 
-ESTIMATORS: dict[str, Callable[..., GradientEstimator]] = {
-    "tbptt": lambda **_: TruncatedBackprop(),
+ESTIMATORS: dict[str, type[TruncatedBackprop] | type[AntitheticES] | type[PersistentES]] = {
+    "tbptt": TruncatedBackprop,
     "es": AntitheticES,
     "pes": PersistentES,
 }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .rules import RuleState, UpdateRule
@@ -68,6 +69,7 @@ def unroll(
     second_order: bool = False,
     weights: Tensor | Sequence[float] | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
+    checkpoint: int = 0,
 ) -> UnrollResult:
     """Run ``steps`` updates of ``rule`` on ``params`` and return the final params, state, losses and meta-loss.
 
@@ -83,6 +85,10 @@ def unroll(
             input to the rule, as in Andrychowicz et al. (2016) and first-order MAML.
         weights: ``T + 1`` weights of ``L_0 .. L_T`` in the meta-loss; default :func:`default_weights`.
         transform: applied to each loss inside the meta-loss (e.g. ``torch.log`` to weigh relative progress).
+        checkpoint: gradient checkpointing: store only every ``checkpoint``-th step's parameters and state and
+            recompute the steps in between during backward. Memory for the backward pass then grows with
+            ``steps / checkpoint + checkpoint`` instead of ``steps``, for about one extra forward pass of time.
+            0 (default) stores everything.
 
     With gradients disabled (``torch.no_grad()``) the engine evaluates a rule cheaply: each step's parameters
     are cut from the graph, and nothing is kept for a meta-gradient.
@@ -100,28 +106,47 @@ def unroll(
     if w.shape != (steps + 1,):
         raise ValueError(f"weights must have {steps + 1} entries (L_0 .. L_T), got shape {tuple(w.shape)}")
     track = torch.is_grad_enabled()
+    if checkpoint < 0:
+        raise ValueError(f"checkpoint must be >= 0 (0: store every step), got {checkpoint}")
     names = list(params)
     theta = [p if p.requires_grad else p.detach().requires_grad_() for p in params.values()]
     if state is None:
         state = rule.init(theta)
+
+    def run_steps(first: int, last: int, theta: list[Tensor], state: RuleState
+                  ) -> tuple[list[Tensor], list[Tensor], RuleState]:
+        """Updates ``first .. last - 1``: their losses ``L_first ..``, then the parameters and state after them."""
+        losses = []
+        for t in range(first, last):
+            with torch.enable_grad():
+                if not track:
+                    theta = [p.detach().requires_grad_() for p in theta]
+                loss = loss_fn(dict(zip(names, theta)), batch(t))
+                raw = torch.autograd.grad(
+                    loss.sum(), theta, create_graph=track and second_order, retain_graph=track, allow_unused=True
+                )
+            losses.append(loss if track else loss.detach())
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, raw)]
+            if not second_order:
+                grads = [g.detach() for g in grads]
+            updates, state = rule.update(grads, state, theta)
+            theta = [p + u for p, u in zip(theta, updates)]
+        return losses, theta, state
+
     losses: list[Tensor] = []
-    for t in range(steps + 1):
-        with torch.enable_grad():
-            if not track:
-                theta = [p.detach().requires_grad_() for p in theta]
-            loss = loss_fn(dict(zip(names, theta)), batch(t))
-            if t == steps:
-                losses.append(loss if track else loss.detach())
-                break
-            raw = torch.autograd.grad(
-                loss.sum(), theta, create_graph=track and second_order, retain_graph=track, allow_unused=True
+    segment = checkpoint if checkpoint and track else max(steps, 1)
+    for first in range(0, steps, segment):
+        last = min(first + segment, steps)
+        if checkpoint and track:  # keep only the segment's inputs; recompute its inside during backward
+            part, theta, state = torch.utils.checkpoint.checkpoint(
+                run_steps, first, last, theta, state, use_reentrant=False
             )
-        losses.append(loss if track else loss.detach())
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, raw)]
-        if not second_order:
-            grads = [g.detach() for g in grads]
-        updates, state = rule.update(grads, state, theta)
-        theta = [p + u for p, u in zip(theta, updates)]
+        else:
+            part, theta, state = run_steps(first, last, theta, state)
+        losses.extend(part)
+    with torch.enable_grad() if track else torch.no_grad():
+        final = loss_fn(dict(zip(names, theta)), batch(steps))
+    losses.append(final)
     stacked = torch.stack(losses)
     per_step = stacked if transform is None else transform(stacked)
     per_step = per_step.reshape(steps + 1, -1).mean(dim=1)

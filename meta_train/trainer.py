@@ -23,8 +23,10 @@ import torch
 from learnedopt import (
     ESTIMATORS,
     CoordinatewiseLSTM,
+    GradientEstimator,
     LSTMConfig,
     LSTMRule,
+    TruncatedBackprop,
     load_net,
     save_net,
 )
@@ -67,12 +69,15 @@ class MetaTrainConfig:
     estimator: str = "tbptt"  # meta-gradient estimator: "tbptt", "es" (antithetic ES) or "pes" (persistent ES)
     es_pairs: int = 8  # antithetic pairs per truncation (es, pes)
     es_sigma: float = 0.01  # standard deviation of the weight perturbations (es, pes)
+    checkpoint: int = 0  # tbptt: recompute segments of this many steps in backward instead of storing them
 
     def __post_init__(self) -> None:
         if self.horizon % self.unroll:
             raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.checkpoint < 0:
+            raise ValueError(f"checkpoint must be >= 0 (0: store every step), got {self.checkpoint}")
         if self.es_pairs < 1 or not self.es_sigma > 0:
             raise ValueError(f"es_pairs must be >= 1 and es_sigma > 0, got {self.es_pairs} and {self.es_sigma}")
         if self.objective not in ("sum", "log"):
@@ -171,7 +176,11 @@ class MetaTrainer:
         """
         cfg = self.config
         task = shard(self.family.sample(cfg.meta_batch, self.generator))
-        estimator = ESTIMATORS[cfg.estimator](pairs=cfg.es_pairs, sigma=cfg.es_sigma)
+        estimator: GradientEstimator = (
+            TruncatedBackprop(checkpoint=cfg.checkpoint)
+            if cfg.estimator == "tbptt"
+            else ESTIMATORS[cfg.estimator](pairs=cfg.es_pairs, sigma=cfg.es_sigma)
+        )
         carry = estimator.start(task.init_params(self.generator))
         rule = LSTMRule(self.net)
         meta_params = list(self.net.parameters())

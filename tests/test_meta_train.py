@@ -87,9 +87,22 @@ def test_same_seed_same_net_other_seed_other_net(tmp_path):
     assert torch.equal(p[0], p[1]) and not torch.equal(p[0], p[2])
 
 
+def test_gradient_checkpointing_trains_the_same_net(tmp_path):
+    nets = [
+        MetaTrainer(tiny_config(iterations=2, checkpoint=k), tmp_path / f"{k}", progress=False).train()
+        for k in (0, 3)
+    ]
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_bad_configs_and_unknown_task():
     with pytest.raises(ValueError, match="multiple of unroll"):
         MetaTrainConfig(horizon=100, unroll=30)
+    with pytest.raises(ValueError, match="estimator"):
+        MetaTrainConfig(estimator="reinforce")
+    with pytest.raises(ValueError, match="es_sigma"):
+        MetaTrainConfig(estimator="es", es_sigma=0.0)
     with pytest.raises(ValueError, match="quadratic"):
         get_family("nope")
 

@@ -137,3 +137,19 @@ def test_module_loss_equals_module_forward():
     x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     torch.testing.assert_close(loss_fn(params, (x, y)), torch.nn.functional.cross_entropy(net(x), y))
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.parametrize("segment", [1, 3, 7])
+def test_checkpointed_unroll_gives_the_same_meta_gradient(second_order, segment):
+    """Recomputing segments in backward (gradient checkpointing) changes memory, not the gradient."""
+    net, task, theta0 = tiny_problem()
+    results = []
+    for checkpoint in (0, segment):
+        out = unroll(task.loss, theta0, LSTMRule(net), None, 7, task.batch, second_order=second_order,
+                     checkpoint=checkpoint)
+        grads = torch.autograd.grad(out.meta_loss, list(net.parameters()))
+        results.append((out.losses.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
