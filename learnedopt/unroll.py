@@ -12,6 +12,7 @@ family): each entry's gradient is then that task's own, and the mean is taken ov
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -85,10 +86,10 @@ def unroll(
             input to the rule, as in Andrychowicz et al. (2016) and first-order MAML.
         weights: ``T + 1`` weights of ``L_0 .. L_T`` in the meta-loss; default :func:`default_weights`.
         transform: applied to each loss inside the meta-loss (e.g. ``torch.log`` to weigh relative progress).
-        checkpoint: gradient checkpointing: store only every ``checkpoint``-th step's parameters and state and
-            recompute the steps in between during backward. Memory for the backward pass then grows with
-            ``steps / checkpoint + checkpoint`` instead of ``steps``, for about one extra forward pass of time.
-            0 (default) stores everything.
+        checkpoint: gradient checkpointing: store only the parameters and rule state at the start of every
+            segment of ``checkpoint`` steps and recompute the segment's inside during backward. ``checkpoint=1``
+            cut the peak memory of a 40-step MNIST truncation by ~74% at no measurable time cost; longer
+            segments saved less (results/performance.md). 0 (default) stores everything.
 
     With gradients disabled (``torch.no_grad()``) the engine evaluates a rule cheaply: each step's parameters
     are cut from the graph, and nothing is kept for a meta-gradient.
@@ -118,7 +119,10 @@ def unroll(
         """Updates ``first .. last - 1``: their losses ``L_first ..``, then the parameters and state after them."""
         losses = []
         for t in range(first, last):
-            with torch.enable_grad():
+            # Under checkpointing, the loss's own graph is stored as usual: the gradient taken right below would
+            # otherwise make the checkpoint recompute the segment so far at every step.
+            keep = torch.autograd.graph.saved_tensors_hooks(_identity, _identity) if checkpoint else nullcontext()
+            with torch.enable_grad(), keep:
                 if not track:
                     theta = [p.detach().requires_grad_() for p in theta]
                 loss = loss_fn(dict(zip(names, theta)), batch(t))
@@ -152,6 +156,10 @@ def unroll(
     per_step = per_step.reshape(steps + 1, -1).mean(dim=1)
     meta_loss = (w.to(per_step.device, per_step.dtype) * per_step).sum()
     return UnrollResult(dict(zip(names, theta)), state, stacked, meta_loss)
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 def module_loss(module: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
