@@ -148,7 +148,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         from meta_train.distributed import init_from_environment, rank_and_world
         from meta_train.trainer import MetaTrainConfig, MetaTrainer
 
-        init_from_environment(args.device)
+        device = init_from_environment(args.device)
 
         config = MetaTrainConfig(
             task=args.task,
@@ -161,7 +161,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             seed=args.seed,
-            device=args.device,
+            device=device,
             data_dir=args.data_dir,
             eval_tasks=args.eval_tasks,
             init_net=args.init_net,

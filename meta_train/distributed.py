@@ -24,10 +24,19 @@ from .tasks import Params, Task
 __all__ = ["init_from_environment", "rank_and_world", "TaskShard", "shard", "all_reduce_mean", "any_rank"]
 
 
-def init_from_environment(device: str) -> None:
-    """Join the process group that ``torchrun`` describes in the environment (no-op for a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+def init_from_environment(device: str) -> str:
+    """Join the process group that ``torchrun`` describes in the environment; returns this process's device.
+
+    A plain ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per process). A single process is left as it is.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
 
 
 def rank_and_world() -> tuple[int, int]:
