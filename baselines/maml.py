@@ -64,23 +64,30 @@ def maml_step(
     inner_lr: float,
     criterion: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     first_order: bool = False,
+    rule: UpdateRule | None = None,
 ) -> float:
-    """One meta-update on a meta-batch of episodes (a plain loop: measured correct through BatchNorm)."""
+    """One meta-update on a meta-batch of episodes (a plain loop: measured correct through BatchNorm).
+
+    ``rule`` replaces the inner SGD; when its own weights are in ``meta_opt`` (the learned LSTM rule), they are
+    meta-trained together with the initialization.
+    """
     meta_opt.zero_grad()
     params = dict(model.named_parameters())
     total = 0.0
     for episode in episodes:
-        out = adapt(model, params, episode, steps, inner_lr, criterion, first_order)
+        out = adapt(model, params, episode, steps, inner_lr, criterion, first_order, rule)
         (out.meta_loss / len(episodes)).backward()
         total += out.meta_loss.item()
     meta_opt.step()
     return total / len(episodes)
 
 
-def query_accuracy(model: nn.Module, episode: Episode, steps: int, inner_lr: float) -> float:
+def query_accuracy(
+    model: nn.Module, episode: Episode, steps: int, inner_lr: float, rule: UpdateRule | None = None
+) -> float:
     """Adapt on the support set without building a meta-graph, then classify the query set."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     with torch.no_grad():
-        adapted = adapt(model, params, episode, steps, inner_lr, first_order=True).params
+        adapted = adapt(model, params, episode, steps, inner_lr, first_order=True, rule=rule).params
         logits = torch.func.functional_call(model, adapted, (episode.query_x,))
     return float((logits.argmax(-1) == episode.query_y).float().mean())

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from learnedopt import DEFAULT_NET, CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
 from learnedopt.data import load_omniglot
 from learnedopt.pretrained import atomic_save
 
@@ -26,7 +27,7 @@ from .protonet import episode_accuracy, episode_loss
 
 __all__ = ["FewShotConfig", "train", "evaluate"]
 
-_MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided")
+_MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided", "inner_rule")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class FewShotConfig:
     meta_lr: float = 1e-3
     inner_steps: int = 1
     inner_lr: float = 0.4
+    inner_rule: str = "sgd"  # "sgd", or "lstm": the learned LSTM optimizer, meta-trained with the initialization
     first_order: bool = False
     channels: int = 64
     strided: bool = True  # MAML's Omniglot Conv-4 uses stride-2 convolutions; ProtoNet uses max-pooling
@@ -58,6 +60,8 @@ class FewShotConfig:
             raise ValueError(f"algorithm must be 'maml' or 'protonet', got {self.algorithm!r}")
         if self.dataset not in ("omniglot", "sinusoid") or (self.algorithm == "protonet" and self.dataset != "omniglot"):
             raise ValueError(f"dataset {self.dataset!r} is not available for {self.algorithm}")
+        if self.inner_rule not in ("sgd", "lstm") or (self.algorithm == "protonet" and self.inner_rule != "sgd"):
+            raise ValueError(f"inner rule {self.inner_rule!r} is not available for {self.algorithm}")
 
 
 def build_model(config: FewShotConfig) -> nn.Module:
@@ -88,15 +92,22 @@ def _criterion(config: FewShotConfig) -> Callable[[torch.Tensor, torch.Tensor], 
     return nn.functional.mse_loss if config.dataset == "sinusoid" else nn.functional.cross_entropy
 
 
-def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int) -> float:
+def _inner_net(config: FewShotConfig) -> CoordinatewiseLSTM | None:
+    """The learned inner-loop optimizer (``inner_rule="lstm"``), starting from the packaged default net."""
+    return load_net(DEFAULT_NET).to(config.device) if config.inner_rule == "lstm" else None
+
+
+def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int,
+           rule: UpdateRule | None) -> float:
     """Query accuracy (classification) or query MSE after adaptation (sinusoid)."""
     if config.algorithm == "protonet":
         return episode_accuracy(model, episode)
     if config.dataset == "sinusoid":
         params = {k: v.detach() for k, v in model.named_parameters()}
         with torch.no_grad():
-            return adapt(model, params, episode, inner_steps, config.inner_lr, nn.functional.mse_loss, True).meta_loss.item()
-    return query_accuracy(model, episode, inner_steps, config.inner_lr)
+            out = adapt(model, params, episode, inner_steps, config.inner_lr, nn.functional.mse_loss, True, rule)
+            return out.meta_loss.item()
+    return query_accuracy(model, episode, inner_steps, config.inner_lr, rule)
 
 
 def _load(path: Path, config: FewShotConfig | None) -> dict:
@@ -110,7 +121,8 @@ def _load(path: Path, config: FewShotConfig | None) -> dict:
         raise ValueError(f"{path} is not a learnedopt few-shot checkpoint")
     if config is not None:
         saved = ckpt["fewshot_config"]
-        wrong = [k for k in _MUST_MATCH if saved.get(k) != getattr(config, k)]
+        defaults = FewShotConfig()  # checkpoints from before a field existed used its default
+        wrong = [k for k in _MUST_MATCH if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
         if wrong:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, asked {getattr(config, k)!r}" for k in wrong)
             raise ValueError(f"{path} was trained with other settings ({details})")
@@ -126,13 +138,18 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = build_model(config).to(config.device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
+    inner_net = _inner_net(config)
+    rule = LSTMRule(inner_net) if inner_net is not None else None
+    meta_params = list(model.parameters()) + (list(inner_net.parameters()) if inner_net is not None else [])
+    opt = torch.optim.Adam(meta_params, lr=config.meta_lr)
     generator = torch.Generator().manual_seed(config.seed)
     iteration, history = 0, []
     path = out / "checkpoint.pt"
     if resume and path.is_file():
         ckpt = _load(path, config)
         model.load_state_dict(ckpt["model"])
+        if inner_net is not None:
+            inner_net.load_state_dict(ckpt["inner_net"])
         opt.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["generator"])
         iteration, history = ckpt["iteration"], ckpt["history"]
@@ -144,8 +161,11 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
     deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
 
     def save() -> None:
-        atomic_save({"fewshot_config": asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "generator": generator.get_state(), "iteration": iteration, "history": history}, path)
+        state = {"fewshot_config": asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "generator": generator.get_state(), "iteration": iteration, "history": history}
+        if inner_net is not None:
+            state["inner_net"] = inner_net.state_dict()
+        atomic_save(state, path)
 
     try:
         while iteration < config.iterations:
@@ -155,7 +175,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
             if config.algorithm == "maml":
                 episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
                 loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr, _criterion(config),
-                                 config.first_order)
+                                 config.first_order, rule)
             else:
                 opt.zero_grad()
                 result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
@@ -169,7 +189,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
             last = iteration == config.iterations or out_of_time
             if iteration % config.eval_every == 0 or last:
                 g = torch.Generator().manual_seed(config.seed + 1)
-                score = sum(_score(config, model, val.sample(g), config.inner_steps) for _ in range(100)) / 100
+                score = sum(_score(config, model, val.sample(g), config.inner_steps, rule) for _ in range(100)) / 100
                 history.append({"iteration": iteration, "meta_loss": loss, "val": score})
                 writer.add_scalar("val/score", score, iteration)
                 bar.set_postfix(loss=f"{loss:.3f}", val=f"{score:.3f}")
@@ -191,12 +211,16 @@ def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps
     if config.algorithm == "maml" and config.dataset == "omniglot" and ways != config.ways:
         raise ValueError(f"{checkpoint} is a {config.ways}-way MAML classifier; it cannot run {ways}-way episodes")
     model = build_model(config).to(device)
+    inner_net = _inner_net(config)
     try:
         model.load_state_dict(ckpt["model"])
+        if inner_net is not None:
+            inner_net.load_state_dict(ckpt["inner_net"])
     except RuntimeError as err:
         raise ValueError(f"{checkpoint}: the weights do not fit the saved architecture: {err}") from err
+    rule = LSTMRule(inner_net) if inner_net is not None else None
     tasks = _Tasks(config, "test", ways, shots, queries)
     g = torch.Generator().manual_seed(seed)
-    scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps) for _ in range(episodes)])
+    scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps, rule) for _ in range(episodes)])
     metric = "mse" if config.dataset == "sinusoid" else "accuracy"
     return metric, float(scores.mean()), float(1.96 * scores.std() / math.sqrt(episodes))

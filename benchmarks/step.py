@@ -9,6 +9,11 @@ the gradient preprocessing); the *floor* = those FLOPs / the GEMM rate of the ga
 this run on this device and thread count (what the step would cost if everything ran as fast as the matmuls);
 time / floor; time / ``Adam(foreach=True)``'s step on the same parameters; and optimizer state bytes per
 parameter. The parameters are one ``(n / 1000) x 1000`` weight and a 1000-element bias.
+
+The floor counts a sigmoid as one FLOP at GEMM speed, which no CPU achieves; so the last columns add a
+*roofline*: the GEMM floor, plus the cell's 200 sigmoid/tanh evaluations per coordinate at the rate that
+``torch.tanh`` reaches on a cache-sized tensor, plus the hidden state read and written once at the measured
+copy bandwidth — each rate measured in this run.
 """
 
 from __future__ import annotations
@@ -52,6 +57,27 @@ def gemm_rate(net: CoordinatewiseLSTM, rows: int, device: str, repeats: int = 20
 
     seconds = _median_time(run, repeats, device)
     return sum(2 * rows * w * 4 * hidden for w in widths) / seconds
+
+
+def transcendentals_per_coordinate(net: CoordinatewiseLSTM) -> int:
+    """Sigmoids and tanhs of one coordinate's step: 3 gate sigmoids, the candidate's and the cell's tanh."""
+    return net.config.num_layers * 5 * net.config.hidden_size
+
+
+def elementwise_rate(rows: int, hidden: int, device: str, repeats: int = 20) -> float:
+    """``torch.tanh`` evaluations per second on a chunk-sized tensor (a sigmoid costs the same)."""
+    x = torch.randn(rows, 4 * hidden, device=device)
+    out = torch.empty_like(x)
+    seconds = _median_time(lambda: torch.tanh(x, out=out), repeats, device)
+    return x.numel() / seconds
+
+
+def copy_bandwidth(numel: int, device: str, repeats: int = 5) -> float:
+    """Bytes per second read plus written by a large ``copy_`` (the hidden state is far larger than any cache)."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = _median_time(lambda: dst.copy_(src), repeats, device)
+    return 2 * src.numel() * src.element_size() / seconds
 
 
 def _sync(device: str) -> None:
@@ -99,15 +125,18 @@ def main() -> None:
     net = CoordinatewiseLSTM().to(args.device)
     flops = lstm_flops_per_coordinate(net)
     rate = gemm_rate(net, args.chunk_size, args.device)
+    transcendental_rate = elementwise_rate(args.chunk_size, net.config.hidden_size, args.device)
+    bandwidth = copy_bandwidth(20_000_000, args.device)
     state_dtype = getattr(torch, args.state_dtype)
     print(
         f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} chunk={args.chunk_size} "
         f"compile={args.compile} state_dtype={args.state_dtype}; LSTM FLOPs/coordinate={flops:,}; "
-        f"gate-matmul GEMM rate={rate / 1e9:.1f} GFLOP/s"
+        f"gate-matmul GEMM rate={rate / 1e9:.1f} GFLOP/s; tanh rate={transcendental_rate / 1e9:.2f} G/s; "
+        f"copy bandwidth={bandwidth / 1e9:.1f} GB/s"
     )
     print("| parameters | LSTM step | LSTM GFLOP/step | floor | time / floor | Adam(foreach) step | time / Adam "
-          "| LSTM state bytes/param | Adam state bytes/param |")
-    print("|---" * 9 + "|")
+          "| LSTM state bytes/param | Adam state bytes/param | roofline | time / roofline |")
+    print("|---" * 11 + "|")
     for n in args.sizes:
         params = _params(n, args.device)
         n = sum(p.numel() for p in params)
@@ -121,9 +150,11 @@ def main() -> None:
         lstm_bytes = _state_bytes(opt) / n
         del opt
         floor = flops * n / rate
+        roofline = floor + transcendentals_per_coordinate(net) * n / transcendental_rate + 2 * lstm_bytes * n / bandwidth
         print(
             f"| {n:,} | {t_lstm * 1e3:.2f} ms | {flops * n / 1e9:.3f} | {floor * 1e3:.2f} ms | {t_lstm / floor:.1f}x "
-            f"| {t_adam * 1e3:.2f} ms | {t_lstm / t_adam:.0f}x | {lstm_bytes:.0f} | {adam_bytes:.0f} |",
+            f"| {t_adam * 1e3:.2f} ms | {t_lstm / t_adam:.0f}x | {lstm_bytes:.0f} | {adam_bytes:.0f} "
+            f"| {roofline * 1e3:.2f} ms | {t_lstm / roofline:.1f}x |",
             flush=True,
         )
 

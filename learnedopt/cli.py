@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
             tr.add_argument("--inner-steps", type=int, default=1,
                             help="inner SGD steps (0: joint training, the 'pretrained' baseline of the MAML paper)")
             tr.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (Omniglot), 0.01 (sinusoid)")
+            tr.add_argument("--inner-rule", choices=["sgd", "lstm"], default="sgd",
+                            help="inner-loop optimizer: SGD (MAML) or the learned LSTM rule, meta-trained jointly "
+                            "with the initialization (starts from the packaged default net)")
             tr.add_argument("--meta-batch", type=_positive, default=32)
         ev = fs_sub.add_parser("eval", help="mean test score and 95%% confidence interval over test episodes")
         ev.add_argument("--checkpoint", type=Path, required=True)
@@ -233,6 +236,7 @@ def _fewshot(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps if maml else 0,
         inner_lr=(args.inner_lr or (0.01 if sinusoid else 0.4)) if maml else 0.0,
         first_order=maml and args.first_order,
+        inner_rule=args.inner_rule if maml else "sgd",
         channels=args.channels,
         strided=maml,
         lr_halving=0 if maml else 2000,

@@ -180,3 +180,21 @@ def test_fewshot_cli_train_resume_eval_and_mismatch(tmp_path, capsys, omniglot):
     assert main(["maml", "train", "--out", str(out), "--ways", "20", "--channels", "4", "--resume",
                  "--no-progress"]) == 2
     assert "ways: checkpoint 5, asked 20" in capsys.readouterr().err
+
+
+def test_maml_with_the_learned_lstm_inner_rule_meta_trains_both(tmp_path, capsys):
+    """The meta-learner-LSTM variant: the inner loop is LSTMRule, and its weights are meta-trained too."""
+    from learnedopt import DEFAULT_NET, load_net
+    from learnedopt.cli import main
+
+    out = tmp_path / "sine-lstm"
+    assert main(["maml", "train", "--dataset", "sinusoid", "--shots", "5", "--meta-batch", "4", "--iterations", "3",
+                 "--inner-rule", "lstm", "--eval-every", "3", "--out", str(out), "--no-progress"]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    start = load_net(DEFAULT_NET).state_dict()
+    assert any(not torch.equal(ckpt["inner_net"][k], v) for k, v in start.items())  # the rule was meta-trained
+    assert main(["maml", "eval", "--checkpoint", str(out / "checkpoint.pt"), "--shots", "5", "--episodes", "3"]) == 0
+    assert "query mse" in capsys.readouterr().out
+    assert main(["maml", "train", "--dataset", "sinusoid", "--shots", "5", "--out", str(out), "--resume",
+                 "--no-progress"]) == 2  # resuming as plain MAML is refused
+    assert "inner_rule: checkpoint 'lstm', asked 'sgd'" in capsys.readouterr().err
