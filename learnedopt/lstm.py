@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence, cast
+from typing import Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -184,23 +184,30 @@ class LSTMRule:
         """
         if inplace and torch.is_grad_enabled() and any(s["h"].requires_grad for s in state):
             raise RuntimeError("inplace=True cannot overwrite a hidden state that autograd tracks; use inplace=False")
-        dtype = self.compute_dtype
         flat, finite = [], []
         for g in grads:
             g = g.reshape(-1)
             mask = torch.isfinite(g)
             all_finite = bool(mask.all())
             finite.append(None if all_finite else mask)
-            flat.append((g if all_finite else torch.where(mask, g, 0.0)).to(dtype))
+            flat.append((g if all_finite else torch.where(mask, g, 0.0)).to(self.compute_dtype))
         hs, cs = [s["h"] for s in state], [s["c"] for s in state]
-        if inplace:
-            new_hs, new_cs = hs, cs
-        elif torch.is_grad_enabled():
-            new_hs, new_cs = [[] for _ in hs], [[] for _ in cs]  # pieces, concatenated below (autograd-friendly)
+        if torch.is_grad_enabled() and not inplace:
+            updates, new_hs, new_cs = self._run_differentiable(flat, hs, cs, finite)
         else:
-            new_hs, new_cs = [torch.empty_like(h) for h in hs], [torch.empty_like(c) for c in cs]
-        updates = [torch.zeros_like(g) if torch.is_grad_enabled() else torch.empty_like(g) for g in flat]
-        pieces_of: list[list[Tensor]] = [[] for _ in flat]
+            updates, new_hs, new_cs = self._run_in_place(flat, hs, cs, finite, inplace)
+        new_state = []
+        for s, h, c, ok in zip(state, new_hs, new_cs, finite):
+            skipped = (~ok).sum() if ok is not None else 0
+            new_state.append({"h": h, "c": c, "nonfinite": s["nonfinite"] + skipped})
+        return [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], new_state
+
+    def _chunk_results(
+        self, flat: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]
+    ) -> Iterator[tuple[int, slice, Tensor, list[Tensor], list[Tensor]]]:
+        """Run the net on every chunk of the flat batch; yield ``(tensor, rows, update, h per layer, c per layer)``
+        for each piece, with non-finite coordinates given a zero update and their old state."""
+        dtype = self.compute_dtype
         for pieces in self._plan([g.numel() for g in flat]):
             if len(pieces) == 1:
                 i, rows = pieces[0]
@@ -217,31 +224,46 @@ class LSTMRule:
                 part = slice(offset, offset + rows.stop - rows.start)
                 offset = part.stop
                 u, h_new, c_new = update[part], [h[part] for h in new_h], [c[part] for c in new_c]
-                if finite[i] is not None:  # a non-finite gradient: zero update, keep the old state
-                    keep = finite[i][rows]
+                mask = finite[i]
+                if mask is not None:
+                    keep = mask[rows]
                     u = torch.where(keep, u, 0.0)
                     h_new = [torch.where(keep.unsqueeze(-1), h, old) for h, old in zip(h_new, hs[i][:, rows])]
                     c_new = [torch.where(keep.unsqueeze(-1), c, old) for c, old in zip(c_new, cs[i][:, rows])]
-                if torch.is_grad_enabled() and not inplace:
-                    pieces_of[i].append(u)
-                    new_hs[i].append(torch.stack(h_new))
-                    new_cs[i].append(torch.stack(c_new))
-                else:  # one copy per layer, straight into the new state
-                    updates[i][rows] = u
-                    for layer, (h, c) in enumerate(zip(h_new, c_new)):
-                        new_hs[i][layer, rows] = h
-                        new_cs[i][layer, rows] = c
-        new_state = []
-        for i, (s, p) in enumerate(zip(state, params)):
-            if pieces_of[i]:
-                updates[i] = torch.cat(pieces_of[i])
-                new_hs[i] = torch.cat(new_hs[i], dim=1).to(hs[i].dtype)
-                new_cs[i] = torch.cat(new_cs[i], dim=1).to(cs[i].dtype)
-            elif isinstance(new_hs[i], list):  # an empty tensor under autograd
-                new_hs[i], new_cs[i] = hs[i], cs[i]
-            skipped = (~finite[i]).sum() if finite[i] is not None else 0
-            new_state.append({"h": new_hs[i], "c": new_cs[i], "nonfinite": s["nonfinite"] + skipped})
-        return [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], new_state
+                yield i, rows, u, h_new, c_new
+
+    def _run_in_place(
+        self, flat: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None], inplace: bool
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Without autograd: one copy per layer, straight into the new state (or the old one, if ``inplace``)."""
+        updates = [torch.empty_like(g) for g in flat]
+        new_hs = hs if inplace else [torch.empty_like(h) for h in hs]
+        new_cs = cs if inplace else [torch.empty_like(c) for c in cs]
+        for i, rows, u, h_new, c_new in self._chunk_results(flat, hs, cs, finite):
+            updates[i][rows] = u
+            for layer, (h, c) in enumerate(zip(h_new, c_new)):
+                new_hs[i][layer, rows] = h
+                new_cs[i][layer, rows] = c
+        return updates, new_hs, new_cs
+
+    def _run_differentiable(
+        self, flat: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """With autograd (the unroll engine): pieces are concatenated, never written in place."""
+        parts: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in flat]
+        for i, _, u, h_new, c_new in self._chunk_results(flat, hs, cs, finite):
+            parts[i].append((u, torch.stack(h_new), torch.stack(c_new)))
+        updates, new_hs, new_cs = [], [], []
+        for g, h, c, pieces in zip(flat, hs, cs, parts):
+            if not pieces:  # an empty tensor
+                updates.append(torch.zeros_like(g))
+                new_hs.append(h)
+                new_cs.append(c)
+                continue
+            updates.append(torch.cat([p[0] for p in pieces]))
+            new_hs.append(torch.cat([p[1] for p in pieces], dim=1).to(h.dtype))
+            new_cs.append(torch.cat([p[2] for p in pieces], dim=1).to(c.dtype))
+        return updates, new_hs, new_cs
 
     def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
         """The net's step, compiled for full chunks when asked (one static shape: no recompiles, no guards on

@@ -22,10 +22,12 @@ import torch
 
 from learnedopt import (
     ESTIMATORS,
+    AntitheticES,
     CoordinatewiseLSTM,
     GradientEstimator,
     LSTMConfig,
     LSTMRule,
+    PersistentES,
     TruncatedBackprop,
     load_net,
     save_net,
@@ -176,11 +178,7 @@ class MetaTrainer:
         """
         cfg = self.config
         task = shard(self.family.sample(cfg.meta_batch, self.generator))
-        estimator: GradientEstimator = (
-            TruncatedBackprop(checkpoint=cfg.checkpoint)
-            if cfg.estimator == "tbptt"
-            else ESTIMATORS[cfg.estimator](pairs=cfg.es_pairs, sigma=cfg.es_sigma)
-        )
+        estimator = self._estimator()
         carry = estimator.start(task.init_params(self.generator))
         rule = LSTMRule(self.net)
         meta_params = list(self.net.parameters())
@@ -202,6 +200,12 @@ class MetaTrainer:
             total += meta_loss
         all_reduce_mean([total])
         return total.item() / (cfg.horizon // cfg.unroll)
+
+    def _estimator(self) -> GradientEstimator:
+        cfg = self.config
+        if cfg.estimator == "tbptt":
+            return TruncatedBackprop(checkpoint=cfg.checkpoint)
+        return (AntitheticES if cfg.estimator == "es" else PersistentES)(cfg.es_pairs, cfg.es_sigma)
 
     def evaluate(self) -> dict[str, float]:
         """Score the current net against tuned Adam on held-out tuning tasks.
