@@ -175,7 +175,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
             if config.algorithm == "maml":
                 episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
                 loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr, _criterion(config),
-                                 config.first_order, rule)
+                                 config.first_order, rule, batched=config.dataset == "omniglot")
             else:
                 opt.zero_grad()
                 result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))

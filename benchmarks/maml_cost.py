@@ -3,10 +3,11 @@
     python benchmarks/maml_cost.py [--meta-batch 8] [--channels 64] [--repeats 3] [--threads 1]
 
 Rows: second- vs first-order MAML for 1, 5 and 10 inner steps (the memory burden grows with the steps when the
-inner graph is kept); the shipped Python loop over tasks vs ``torch.func.vmap`` over tasks; ours vs ``higher``.
+inner graph is kept); a Python loop over tasks, the shipped task-batched network (``baselines.batched``: grouped
+convolutions, one unroll for the meta-batch) and ``torch.func.vmap`` over tasks; ours vs ``higher``.
 Memory is what autograd saves for the backward pass in one meta-iteration (the part that grows with inner steps
-and that first order saves); the loop frees it task by task, vmap and higher hold it for the whole batch. Each
-configuration runs in a fresh subprocess.
+and that first order saves); the loop frees it task by task, the batched path, vmap and higher hold it for the
+whole batch. Each configuration runs in a fresh subprocess.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import torch
 from torch import nn
 
 CONFIGS = [(order, steps, "loop") for steps in (1, 5, 10) for order in ("second", "first")] + [  # order, steps, path
+    ("second", 1, "batched"),
+    ("first", 1, "batched"),
+    ("second", 5, "batched"),
     ("second", 1, "vmap"),
     ("second", 1, "higher"),
 ]
@@ -45,9 +49,9 @@ def _run_one(order: str, steps: int, path: str, meta_batch: int, channels: int, 
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     episodes = _episodes(meta_batch)
 
-    if path == "loop":
+    if path in ("loop", "batched"):
         def iteration() -> None:
-            maml_step(model, opt, episodes, steps, 0.4, first_order=(order == "first"))
+            maml_step(model, opt, episodes, steps, 0.4, first_order=(order == "first"), batched=(path == "batched"))
     elif path == "vmap":
         sx = torch.stack([e.support_x for e in episodes])
         sy = torch.stack([e.support_y for e in episodes])

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from baselines.episodes import Episode, EpisodeSampler, sample_sinusoids
-from baselines.maml import adapt, maml_step, query_accuracy
+from baselines.batched import task_batched_loss
+from baselines.maml import adapt, adapt_batched, maml_step, query_accuracy
 from baselines.models import conv4, sinusoid_mlp
 from baselines.protonet import episode_accuracy, episode_loss, prototype_logits
 
@@ -100,6 +101,49 @@ def test_maml_meta_gradient_matches_finite_differences(kind):
     for seed in range(2):
         v = torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         assert float(grad @ v) == pytest.approx(_fd(meta_loss, params, v), rel=1e-6, abs=1e-10)
+
+
+def _conv_episodes(tasks, ways=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    y = torch.arange(ways).repeat(2)
+    return [Episode(torch.rand(2 * ways, 1, 28, 28, generator=g, dtype=dtype), y,
+                    torch.rand(2 * ways, 1, 28, 28, generator=g, dtype=dtype), y) for _ in range(tasks)]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("strided", [True, False])
+def test_task_batched_maml_equals_the_loop_through_batchnorm(first_order, strided):
+    """The shipped batching path (grouped convolutions, per-task BatchNorm) gives the loop's meta-gradient."""
+    torch.manual_seed(0)
+    model = conv4(3, channels=4, strided=strided).double()
+    episodes = _conv_episodes(4)
+    params = dict(model.named_parameters())
+    loop = sum(adapt(model, params, e, 2, 0.3, first_order=first_order).meta_loss for e in episodes) / 4
+    batched = adapt_batched(model, params, episodes, 2, 0.3, first_order=first_order).meta_loss
+    torch.testing.assert_close(batched, loop, rtol=1e-12, atol=0)
+    torch.testing.assert_close(_flat_grad(batched, params), _flat_grad(loop, params), rtol=1e-9, atol=1e-12)
+
+
+def test_task_batched_maml_matches_finite_differences():
+    torch.manual_seed(0)
+    model = conv4(3, channels=3, strided=True).double()
+    episodes = _conv_episodes(3)
+    params = dict(model.named_parameters())
+
+    def meta_loss(p):
+        with torch.no_grad():
+            return adapt_batched(model, p, episodes, 2, 0.3).meta_loss.item()
+
+    grad = _flat_grad(adapt_batched(model, params, episodes, 2, 0.3).meta_loss, params)
+    v = torch.randn(grad.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert float(grad @ v) == pytest.approx(_fd(meta_loss, params, v), rel=1e-6, abs=1e-10)
+
+
+def test_task_batching_refuses_other_models():
+    with pytest.raises(TypeError, match="Conv-4"):
+        adapt_batched(sinusoid_mlp(), dict(sinusoid_mlp().named_parameters()), [], 1, 0.1)
+    with pytest.raises(TypeError, match="per-task loop"):
+        task_batched_loss(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
 
 
 def test_maml_matches_higher():
