@@ -184,13 +184,12 @@ class LSTMRule:
         """
         if inplace and torch.is_grad_enabled() and any(s["h"].requires_grad for s in state):
             raise RuntimeError("inplace=True cannot overwrite a hidden state that autograd tracks; use inplace=False")
-        flat, finite = [], []
-        for g in grads:
-            g = g.reshape(-1)
-            mask = torch.isfinite(g)
-            all_finite = bool(mask.all())
-            finite.append(None if all_finite else mask)
-            flat.append((g if all_finite else torch.where(mask, g, 0.0)).to(self.compute_dtype))
+        flat = [g.reshape(-1) for g in grads]
+        masks = [torch.isfinite(g) for g in flat]
+        # one host sync for the whole group, not one per tensor (each would stall a GPU's queue)
+        clean = torch.stack([m.all() for m in masks]).tolist() if masks else []
+        finite = [None if ok else m for ok, m in zip(clean, masks)]
+        flat = [(g if ok else torch.where(m, g, 0.0)).to(self.compute_dtype) for g, ok, m in zip(flat, clean, masks)]
         hs, cs = [s["h"] for s in state], [s["c"] for s in state]
         if torch.is_grad_enabled() and not inplace:
             updates, new_hs, new_cs = self._run_differentiable(flat, hs, cs, finite)
