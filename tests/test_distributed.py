@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, out: str, runs: list[tuple[int, bool]], estimator: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -79,7 +79,7 @@ def test_torchrun_launches_meta_train(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "meta_train", "--task", "quadratic", "--out", str(tmp_path / "run"), "--iterations", "2",
                "--horizon", "20", "--unroll", "10", "--meta-batch", "8", "--eval-tasks", "8", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "net.pt").is_file() and (tmp_path / "run" / "checkpoint.pt").is_file()
