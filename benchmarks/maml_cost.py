@@ -40,7 +40,8 @@ def _episodes(meta_batch: int):
     return [sampler.sample(g) for _ in range(meta_batch)]
 
 
-def _run_one(order: str, steps: int, path: str, meta_batch: int, channels: int, repeats: int) -> dict:
+def _iteration(order: str, steps: int, path: str, meta_batch: int, channels: int):
+    """One meta-iteration of MAML on a fixed meta-batch, by ``path``, as a callable."""
     from baselines.maml import maml_step
     from baselines.models import conv4
 
@@ -87,6 +88,11 @@ def _run_one(order: str, steps: int, path: str, meta_batch: int, channels: int, 
                     (nn.functional.cross_entropy(fmodel(e.query_x), e.query_y) / len(episodes)).backward()
             opt.step()
 
+    return iteration
+
+
+def _run_one(order: str, steps: int, path: str, meta_batch: int, channels: int, repeats: int) -> dict:
+    iteration = _iteration(order, steps, path, meta_batch, channels)
     iteration()  # warm-up
     times = []
     for _ in range(repeats):
@@ -105,6 +111,27 @@ def _run_one(order: str, steps: int, path: str, meta_batch: int, channels: int, 
     except RuntimeError:  # torch.func.grad (the vmap path) refuses saved-tensor hooks
         return {"seconds": statistics.median(times), "saved_mb": None}
     return {"seconds": statistics.median(times), "saved_mb": saved[0] / 2**20}
+
+
+def _interleaved(args: argparse.Namespace) -> None:
+    """Second-order, 1 step: loop, batched and higher timed in turn in one process, so background load hits all
+    three alike; medians of ``repeats`` rounds."""
+    paths = ("loop", "batched", "higher")
+    runs = {p: _iteration("second", 1, p, args.meta_batch, args.channels) for p in paths}
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    for run in runs.values():
+        run()
+    for _ in range(args.repeats):
+        for p, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[p].append(time.perf_counter() - start)
+    median = {p: statistics.median(t) for p, t in times.items()}
+    print(f"\nInterleaved in one process, second order, 1 inner step, median of {args.repeats} rounds:")
+    print("| path | s / meta-iteration | time / higher |")
+    print("|---|---|---|")
+    for p in paths:
+        print(f"| {p} | {median[p]:.3f} | {median[p] / median['higher']:.2f}x |")
 
 
 def main() -> None:
@@ -139,6 +166,7 @@ def main() -> None:
         memory = "n/a | n/a" if r["saved_mb"] is None else f"{r['saved_mb']:.1f} | {r['saved_mb'] / base['saved_mb']:.2f}x"
         print(f"| {order} order | {steps} | {path} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f}x "
               f"| {memory} |")
+    _interleaved(args)
 
 
 if __name__ == "__main__":
