@@ -131,7 +131,8 @@ class LSTMRule:
     and the update is returned in each parameter's dtype. ``compile=True`` runs the net through
     :func:`torch.compile` when autograd is off (the :class:`~learnedopt.LearnedOptimizer` path; the
     differentiable unroll keeps eager mode, which supports second-order gradients); it fuses the gate
-    nonlinearities and the cell update and changes results only within float rounding.
+    nonlinearities and the cell update and changes results only within float rounding (on a CPU it measured no
+    faster than eager mode: results/performance.md).
 
     Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets a zero update and keeps its previous
     hidden state, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]`` counts how
@@ -196,8 +197,8 @@ class LSTMRule:
         else:
             updates, new_hs, new_cs = self._run_in_place(flat, hs, cs, finite, inplace)
         new_state = []
-        for s, h, c, ok in zip(state, new_hs, new_cs, finite):
-            skipped = (~ok).sum() if ok is not None else 0
+        for s, h, c, finite_mask in zip(state, new_hs, new_cs, finite):
+            skipped = (~finite_mask).sum() if finite_mask is not None else 0
             new_state.append({"h": h, "c": c, "nonfinite": s["nonfinite"] + skipped})
         return [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], new_state
 
