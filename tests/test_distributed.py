@@ -84,3 +84,22 @@ def test_torchrun_launches_meta_train(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "net.pt").is_file() and (tmp_path / "run" / "checkpoint.pt").is_file()
     assert done.stdout.count("wrote") == 1  # rank 0 alone reports
+
+
+@pytest.mark.parametrize("family", ["quadratic", "mnist-mlp"])
+def test_a_task_shard_is_those_rows_of_the_whole_batch(family):
+    """Each rank's block has the same initial parameters, batches and losses as those rows of the global batch."""
+    from meta_train.distributed import TaskShard
+    from meta_train.tasks import get_family
+
+    if family.startswith("mnist") and not (ROOT.parent / "shared" / "data" / "MNIST" / "raw").is_dir():
+        pytest.skip("needs ../shared/data/MNIST")
+    task = get_family(family).sample(4, torch.Generator().manual_seed(0))
+    full_params = task.init_params(torch.Generator().manual_seed(1))
+    full_loss = task.loss(full_params, task.batch(3))
+    shard = TaskShard(task, slice(2, 4))
+    params = shard.init_params(torch.Generator().manual_seed(1))
+    assert shard.num_tasks == 2
+    for k, v in params.items():
+        assert torch.equal(v, full_params[k][2:4])
+    torch.testing.assert_close(shard.loss(params, shard.batch(3)), full_loss[2:4])
