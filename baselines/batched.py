@@ -13,7 +13,7 @@ meta-batch is a single unroll of the SGD rule (:func:`baselines.maml.maml_step` 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ Params = dict[str, Tensor]
 _LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear)
 
 
-def supports_task_batching(model: nn.Module) -> bool:
+def supports_task_batching(model: nn.Module) -> TypeGuard[nn.Sequential]:
     """True for the networks :func:`task_batched_loss` can widen: an image classifier made of Conv-4's layer types
     (convolutions first, on ``(C, H, W)`` inputs)."""
     return (
@@ -63,7 +63,7 @@ def task_batched_logits(model: nn.Sequential, params: Params, x: Tensor) -> Tens
     return h
 
 
-def task_batched_loss(model: nn.Sequential) -> Callable[[Params, tuple[Tensor, Tensor]], Tensor]:
+def task_batched_loss(model: nn.Module) -> Callable[[Params, tuple[Tensor, Tensor]], Tensor]:
     """``loss_fn(params, (x, y)) -> (T,)``: each task's mean cross-entropy, for :func:`learnedopt.unroll`.
 
     Example:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from learnedopt import UnrollResult, UpdateRule, module_loss, sgd, unroll
 
-from .batched import supports_task_batching, task_batched_loss
+from .batched import task_batched_loss
 from .episodes import Episode
 
 __all__ = ["adapt", "adapt_batched", "maml_step", "query_accuracy"]
@@ -106,15 +106,14 @@ def adapt_batched(
 ) -> UnrollResult:
     """:func:`adapt` for a whole meta-batch at once: every task starts from ``params``, adapts on its own support
     set, and ``meta_loss`` is the mean query cross-entropy over tasks."""
-    if not isinstance(model, nn.Sequential) or not supports_task_batching(model):
-        raise TypeError("batched MAML needs a Conv-4-style nn.Sequential classifier; use batched=False")
+    loss_fn = task_batched_loss(model)  # refuses models it cannot widen, before any episode is touched
     tasks = len(episodes)
     support = torch.stack([e.support_x for e in episodes]), torch.stack([e.support_y for e in episodes])
     query = torch.stack([e.query_x for e in episodes]), torch.stack([e.query_y for e in episodes])
     weights = torch.zeros(steps + 1)
     weights[-1] = 1.0
     return unroll(
-        task_batched_loss(model), {k: v.expand(tasks, *v.shape) for k, v in params.items()},
+        loss_fn, {k: v.expand(tasks, *v.shape) for k, v in params.items()},
         rule or sgd(inner_lr), None, steps, lambda t: support if t < steps else query,
         second_order=not first_order, weights=weights,
     )

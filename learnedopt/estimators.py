@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector
 
 from .rules import RuleState, UpdateRule
 from .unroll import LossFn, Params, unroll
@@ -123,10 +124,6 @@ class TruncatedBackprop:
         return grads, out.meta_loss.item(), Trajectory(params, state)
 
 
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
 def _unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     out, offset = [], 0
     for p in like:
@@ -142,7 +139,7 @@ class _Perturbed:
                  transform: Callable[[Tensor], Tensor] | None) -> None:
         self.meta_params, self.rule, self.loss_fn = list(meta_params), rule, loss_fn
         self.steps, self.batch, self.transform = steps, batch, transform
-        self.theta = _flat(self.meta_params)
+        self.theta = parameters_to_vector(self.meta_params).detach()
 
     def __call__(self, delta: Tensor | None, start: Trajectory) -> tuple[float, Trajectory]:
         with torch.no_grad():
@@ -160,17 +157,26 @@ class _Perturbed:
         return out.meta_loss.item(), Trajectory(params, state)
 
 
-class AntitheticES:
-    """Antithetic evolution strategies on one truncation: ``g = sum_i (L(theta + e_i) - L(theta - e_i)) e_i /
-    (2 pairs sigma^2)`` with ``e_i ~ N(0, sigma^2 I)``. The carry follows the unperturbed meta-parameters."""
+class _EvolutionStrategy:
+    """What antithetic and persistent ES share: ``pairs`` antithetic perturbations of standard deviation
+    ``sigma`` per truncation, and an inner problem that starts from detached parameters."""
 
     def __init__(self, pairs: int = 8, sigma: float = 0.01) -> None:
         if pairs < 1 or not sigma > 0:
-            raise ValueError(f"AntitheticES needs pairs >= 1 and sigma > 0, got pairs={pairs}, sigma={sigma}")
+            raise ValueError(f"{type(self).__name__} needs pairs >= 1 and sigma > 0, got pairs={pairs}, sigma={sigma}")
         self.pairs, self.sigma = pairs, sigma
 
-    def start(self, params: Mapping[str, Tensor]) -> Trajectory:
+    @staticmethod
+    def _trajectory(params: Mapping[str, Tensor]) -> Trajectory:
         return Trajectory({k: v.detach() for k, v in params.items()})
+
+
+class AntitheticES(_EvolutionStrategy):
+    """Antithetic evolution strategies on one truncation: ``g = sum_i (L(theta + e_i) - L(theta - e_i)) e_i /
+    (2 pairs sigma^2)`` with ``e_i ~ N(0, sigma^2 I)``. The carry follows the unperturbed meta-parameters."""
+
+    def start(self, params: Mapping[str, Tensor]) -> Trajectory:
+        return self._trajectory(params)
 
     def estimate(
         self,
@@ -196,7 +202,7 @@ class AntitheticES:
         return _unflatten(grad, meta_params), meta_loss, carry
 
 
-class PersistentES:
+class PersistentES(_EvolutionStrategy):
     """Persistent evolution strategies (Vicol et al. 2021): unbiased across truncations.
 
     Particle pair ``i`` runs the inner problem at ``theta + e_i`` and ``theta - e_i``, with fresh ``e_i`` every
@@ -205,13 +211,8 @@ class PersistentES:
     The reported meta-loss is that of an unperturbed trajectory run alongside.
     """
 
-    def __init__(self, pairs: int = 8, sigma: float = 0.01) -> None:
-        if pairs < 1 or not sigma > 0:
-            raise ValueError(f"PersistentES needs pairs >= 1 and sigma > 0, got pairs={pairs}, sigma={sigma}")
-        self.pairs, self.sigma = pairs, sigma
-
     def start(self, params: Mapping[str, Tensor]) -> PESCarry:
-        start = Trajectory({k: v.detach() for k, v in params.items()})
+        start = self._trajectory(params)
         return PESCarry([start] * self.pairs, [start] * self.pairs, start)
 
     def estimate(
