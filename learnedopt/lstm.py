@@ -4,6 +4,18 @@ One small LSTM is applied to every coordinate of every parameter as a batch: the
 state is per coordinate. This file holds the only copy of that math; :class:`learnedopt.LearnedOptimizer` and the
 unroll engine both call :class:`LSTMRule`.
 
+Two input sets and two output maps are selectable in :class:`LSTMConfig` and saved with every net:
+
+* ``inputs="paper"``: the paper's ``(log|g|/p, sign g)`` (Appendix A). ``inputs="normalized"``: the gradient
+  and its momenta at several decays, each divided by the running RMS of the gradient (RNNprop, Lv et al. 2017;
+  multi-timescale momentum, Wichrowska et al. 2017): scale-free, and able to express Adam-like rules.
+* ``output="linear"``: the paper's ``output_scale * head(h)``, unbounded. ``output="adam"``: the LSTM modulates a
+  nominal Adam step (Harrison et al. 2022): ``-output_scale * (r^tanh(a) * clip(m_hat / sqrt(v_hat), 1) -
+  tanh(b))`` for the head's two outputs ``(a, b)`` and ``r = magnitude_range``. Its size is bounded by
+  construction, ``|update| <= lr * output_scale * (magnitude_range + 1)``; a coordinate that has never had a
+  nonzero gradient gets an exactly-zero update; and a zero-initialized head is exactly Adam at
+  ``lr = output_scale`` (with the nominal step clipped to 1), a safe starting point for meta-training.
+
 Reference: M. Andrychowicz et al., "Learning to learn by gradient descent by gradient descent", NeurIPS 2016
 (Section 2.1 for the architecture, Appendix A for the gradient preprocessing).
 """
@@ -17,9 +29,13 @@ from typing import Callable, Iterator, Sequence, cast
 import torch
 from torch import Tensor, nn
 
-from .rules import RuleState
+from .rules import ParamState, RuleState
 
-__all__ = ["LSTMConfig", "CoordinatewiseLSTM", "LSTMRule", "preprocess_gradient"]
+__all__ = ["LSTMConfig", "CoordinatewiseLSTM", "LSTMRule", "preprocess_gradient", "INPUTS", "OUTPUTS"]
+
+INPUTS = ("paper", "normalized")
+OUTPUTS = ("linear", "adam")
+_EPS = 1e-8  # added to sqrt(v_hat), as Adam's eps
 
 
 def preprocess_gradient(grad: Tensor, p: float = 10.0) -> Tensor:
@@ -44,37 +60,74 @@ def preprocess_gradient(grad: Tensor, p: float = 10.0) -> Tensor:
 
 @dataclass(frozen=True)
 class LSTMConfig:
-    """Architecture of a :class:`CoordinatewiseLSTM`; saved beside the weights so a file rebuilds its net."""
+    """Architecture of a :class:`CoordinatewiseLSTM`; saved beside the weights so a file rebuilds its net.
+
+    The defaults are the paper's net (and what net files written before ``inputs``/``output`` existed mean).
+    ``momentum_decays`` and ``rms_decay`` define the running moments that ``inputs="normalized"`` and
+    ``output="adam"`` use; the first momentum decay is the nominal Adam step's ``beta1``.
+    """
 
     hidden_size: int = 20
     num_layers: int = 2
     preprocess_p: float = 10.0
     output_scale: float = 0.1
+    inputs: str = "paper"
+    output: str = "linear"
+    momentum_decays: tuple[float, ...] = (0.9, 0.5, 0.99)
+    rms_decay: float = 0.999
+    magnitude_range: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise ValueError(f"hidden_size and num_layers must be >= 1, got {self}")
+        if self.inputs not in INPUTS or self.output not in OUTPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS} and output one of {OUTPUTS}, got {self}")
+        decays = (*self.momentum_decays, self.rms_decay)
+        if not self.momentum_decays or not all(0.0 <= d < 1.0 for d in decays):
+            raise ValueError(f"momentum_decays (at least one) and rms_decay must lie in [0, 1), got {self}")
+        if not self.magnitude_range >= 1.0:
+            raise ValueError(f"magnitude_range must be >= 1, got {self.magnitude_range}")
+
+    @property
+    def input_size(self) -> int:
+        return 2 if self.inputs == "paper" else 1 + len(self.momentum_decays)
+
+    @property
+    def uses_moments(self) -> bool:
+        """Whether the rule keeps running moments of the gradient in its state."""
+        return self.inputs == "normalized" or self.output == "adam"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LSTMConfig":
+        """Rebuild from :func:`dataclasses.asdict` output (sequences back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 class CoordinatewiseLSTM(nn.Module):
-    """A 2-layer LSTM (20 units by default) that maps each coordinate's gradient to that coordinate's update.
+    """A 2-layer LSTM (20 units by default) that maps each coordinate's input features to raw outputs.
 
-    Input: a flat gradient ``(N,)`` and hidden state ``h, c`` of shape ``(num_layers, N, hidden_size)``.
-    Output: the update ``(N,)`` (already multiplied by ``output_scale``) and the new ``h, c``.
+    Input: features ``(N, config.input_size)`` and hidden state ``h, c`` of shape ``(num_layers, N, hidden_size)``.
+    Output: the head's raw outputs ``(N, 1)`` (``output="linear"``) or ``(N, 2)`` (``output="adam"``) and the new
+    ``h, c``. :class:`LSTMRule` computes the features from gradients and turns raw outputs into updates.
 
     Example:
         >>> net = CoordinatewiseLSTM()
         >>> h, c = net.initial_state(5)
-        >>> update, (h, c) = net(torch.randn(5), (h, c))
-        >>> update.shape, h.shape
-        (torch.Size([5]), torch.Size([2, 5, 20]))
+        >>> raw, (h, c) = net(preprocess_gradient(torch.randn(5)), (h, c))
+        >>> raw.shape, h.shape
+        (torch.Size([5, 1]), torch.Size([2, 5, 20]))
     """
 
-    def __init__(self, config: LSTMConfig | None = None, **overrides: float) -> None:
+    def __init__(self, config: LSTMConfig | None = None, **overrides: object) -> None:
         super().__init__()
-        config = LSTMConfig(**{**asdict(config or LSTMConfig()), **overrides})
-        if config.hidden_size < 1 or config.num_layers < 1:
-            raise ValueError(f"hidden_size and num_layers must be >= 1, got {config}")
+        config = LSTMConfig(**{**asdict(config or LSTMConfig()), **overrides})  # type: ignore[arg-type]
         self.config = config
-        sizes = [2] + [config.hidden_size] * config.num_layers
+        sizes = [config.input_size] + [config.hidden_size] * config.num_layers
         self.cells = nn.ModuleList(nn.LSTMCell(i, config.hidden_size) for i in sizes[:-1])
-        self.head = nn.Linear(config.hidden_size, 1)
+        self.head = nn.Linear(config.hidden_size, 1 if config.output == "linear" else 2)
+        if config.output == "adam":  # untrained, the rule is exactly its nominal Adam step
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def initial_state(
         self, n: int, dtype: torch.dtype | None = None, device: torch.device | None = None
@@ -85,20 +138,33 @@ class CoordinatewiseLSTM(nn.Module):
         zeros = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
         return zeros, zeros.clone()
 
-    def forward(self, grad: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        update, hs, cs = self.step(grad, state[0], state[1])
-        return update, (torch.stack(hs), torch.stack(cs))
+    def forward(self, features: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        raw, hs, cs = self.step(features, state[0], state[1])
+        return raw, (torch.stack(hs), torch.stack(cs))
 
-    def step(self, grad: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def step(self, features: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """:meth:`forward` with the new state as one ``(N, hidden_size)`` tensor per layer (no stacking copy)."""
-        x = preprocess_gradient(grad, self.config.preprocess_p)
+        x = features
         new_h, new_c = [], []
         for layer, cell in enumerate(self.cells):
             x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h[layer], c[layer])
             new_h.append(x)
             new_c.append(cl)
-        update = self.head(x).squeeze(-1) * self.config.output_scale
-        return update, new_h, new_c
+        return self.head(x), new_h, new_c
+
+    def to_update(self, raw: Tensor, nominal: Tensor | None, seen: Tensor | None) -> Tensor:
+        """The additive update ``(N,)`` from the head's raw outputs (see the module docstring for the maps).
+
+        ``nominal`` is the Adam direction ``m_hat / (sqrt(v_hat) + eps)`` and ``seen`` marks coordinates that have
+        had a nonzero gradient; both are needed for ``output="adam"`` only.
+        """
+        cfg = self.config
+        if cfg.output == "linear":
+            return raw[:, 0] * cfg.output_scale
+        assert nominal is not None and seen is not None
+        magnitude = torch.exp(math.log(cfg.magnitude_range) * torch.tanh(raw[:, 0]))
+        step = magnitude * nominal.clamp(-1.0, 1.0) - torch.tanh(raw[:, 1])
+        return torch.where(seen, step * -cfg.output_scale, 0.0)
 
 
 def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,6 +184,29 @@ def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tens
     return new_h, new_c
 
 
+def _moment_features(
+    config: LSTMConfig, grad: Tensor, state: ParamState, keep: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, ParamState]:
+    """Advance the running moments by one gradient; return the normalized features ``(N, 1 + K)``, the nominal
+    Adam direction ``(N,)``, the ``seen`` mask and the new moment state.
+
+    Moments use Adam's bias correction, so the first step's features are already of order one. Coordinates
+    outside ``keep`` (non-finite gradients) keep their old moments.
+    """
+    decays = torch.tensor(config.momentum_decays, dtype=grad.dtype, device=grad.device).unsqueeze(1)
+    beta2 = config.rms_decay
+    m_old, v_old = state["m"].to(grad.dtype), state["v"].to(grad.dtype)
+    step = state["step"] + 1
+    m = torch.lerp(grad.unsqueeze(0), m_old, decays)  # decay * m_old + (1 - decay) * g
+    v = torch.lerp(grad * grad, v_old, beta2)
+    if keep is not None:
+        m, v = torch.where(keep, m, m_old), torch.where(keep, v, v_old)
+    scale = 1.0 / (torch.sqrt(v / (1 - beta2**step)) + _EPS)
+    normed = m / (1 - decays**step) * scale
+    features = torch.cat((grad.unsqueeze(0) * scale, normed)).t()
+    return features, normed[0], v > 0, {"m": m, "v": v, "step": step}
+
+
 class LSTMRule:
     """The LSTM optimizer as an update rule (see :mod:`learnedopt.rules`).
 
@@ -128,15 +217,16 @@ class LSTMRule:
     device.
 
     Computation runs in the net's dtype; the hidden state is stored in ``state_dtype`` (default: the net's dtype)
-    and the update is returned in each parameter's dtype. ``compile=True`` runs the net through
-    :func:`torch.compile` when autograd is off (the :class:`~learnedopt.LearnedOptimizer` path; the
-    differentiable unroll keeps eager mode, which supports second-order gradients); it fuses the gate
-    nonlinearities and the cell update and changes results only within float rounding (on a CPU it measured no
-    faster than eager mode: results/performance.md).
+    and the update is returned in each parameter's dtype. Nets with running moments (``config.uses_moments``)
+    keep them, and a step count, in the net's dtype: ``"m"`` ``(K, N)``, ``"v"`` ``(N,)``, ``"step"``.
+    ``compile=True`` runs the net through :func:`torch.compile` when autograd is off (the
+    :class:`~learnedopt.LearnedOptimizer` path; the differentiable unroll keeps eager mode, which supports
+    second-order gradients); it fuses the gate nonlinearities and the cell update and changes results only within
+    float rounding (on a CPU it measured no faster than eager mode: results/performance.md).
 
     Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets a zero update and keeps its previous
-    hidden state, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]`` counts how
-    many coordinate-steps were skipped this way.
+    hidden state and moments, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]``
+    counts how many coordinate-steps were skipped this way.
 
     Example:
         >>> rule = LSTMRule(CoordinatewiseLSTM())
@@ -168,10 +258,17 @@ class LSTMRule:
 
     def init(self, params: Sequence[Tensor]) -> RuleState:
         dtype = self.state_dtype or self.compute_dtype
+        config = self.net.config
         state = []
         for p in params:
             h, c = self.net.initial_state(p.numel(), dtype=dtype, device=p.device)
-            state.append({"h": h, "c": c, "nonfinite": torch.zeros((), dtype=torch.int64, device=p.device)})
+            s = {"h": h, "c": c, "nonfinite": torch.zeros((), dtype=torch.int64, device=p.device)}
+            if config.uses_moments:
+                n, k, compute = p.numel(), len(config.momentum_decays), self.compute_dtype
+                s["m"] = torch.zeros(k, n, dtype=compute, device=p.device)
+                s["v"] = torch.zeros(n, dtype=compute, device=p.device)
+                s["step"] = torch.zeros((), dtype=compute, device=p.device)
+            state.append(s)
         return state
 
     def update(
@@ -185,85 +282,101 @@ class LSTMRule:
         """
         if inplace and torch.is_grad_enabled() and any(s["h"].requires_grad for s in state):
             raise RuntimeError("inplace=True cannot overwrite a hidden state that autograd tracks; use inplace=False")
+        config = self.net.config
         flat = [g.reshape(-1) for g in grads]
         masks = [torch.isfinite(g) for g in flat]
         # one host sync for the whole group, not one per tensor (each would stall a GPU's queue)
         clean = torch.stack([m.all() for m in masks]).tolist() if masks else []
         finite = [None if ok else m for ok, m in zip(clean, masks)]
         flat = [(g if ok else torch.where(m, g, 0.0)).to(self.compute_dtype) for g, ok, m in zip(flat, clean, masks)]
+        features, nominals, seens, moments = [], [], [], []
+        for g, s, keep in zip(flat, state, finite):
+            if config.uses_moments:
+                x, nominal, seen, moment_state = _moment_features(config, g, s, keep)
+                nominals.append(nominal)
+                seens.append(seen)
+                moments.append(moment_state)
+            if config.inputs == "paper":
+                x = preprocess_gradient(g, config.preprocess_p)
+            features.append(x)
         hs, cs = [s["h"] for s in state], [s["c"] for s in state]
         if torch.is_grad_enabled() and not inplace:
-            updates, new_hs, new_cs = self._run_differentiable(flat, hs, cs, finite)
+            raws, new_hs, new_cs = self._run_differentiable(features, hs, cs, finite)
         else:
-            updates, new_hs, new_cs = self._run_in_place(flat, hs, cs, finite, inplace)
-        new_state = []
-        for s, h, c, finite_mask in zip(state, new_hs, new_cs, finite):
-            skipped = (~finite_mask).sum() if finite_mask is not None else 0
-            new_state.append({"h": h, "c": c, "nonfinite": s["nonfinite"] + skipped})
-        return [u.reshape(p.shape).to(p.dtype) for u, p in zip(updates, params)], new_state
+            raws, new_hs, new_cs = self._run_in_place(features, hs, cs, finite, inplace)
+        updates, new_state = [], []
+        for i, (s, p, keep) in enumerate(zip(state, params, finite)):
+            u = self.net.to_update(raws[i], *((nominals[i], seens[i]) if config.uses_moments else (None, None)))
+            if keep is not None:
+                u = torch.where(keep, u, 0.0)
+            updates.append(u.reshape(p.shape).to(p.dtype))
+            skipped = (~keep).sum() if keep is not None else 0
+            new = {"h": new_hs[i], "c": new_cs[i], "nonfinite": s["nonfinite"] + skipped}
+            new_state.append({**new, **(moments[i] if config.uses_moments else {})})
+        return updates, new_state
 
     def _chunk_results(
-        self, flat: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]
+        self, features: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]
     ) -> Iterator[tuple[int, slice, Tensor, list[Tensor], list[Tensor]]]:
-        """Run the net on every chunk of the flat batch; yield ``(tensor, rows, update, h per layer, c per layer)``
-        for each piece, with non-finite coordinates given a zero update and their old state."""
+        """Run the net on every chunk of the flat batch; yield ``(tensor, rows, raw output, h per layer, c per
+        layer)`` for each piece, with non-finite coordinates given their old state."""
         dtype = self.compute_dtype
-        for pieces in self._plan([g.numel() for g in flat]):
+        for pieces in self._plan([len(x) for x in features]):
             if len(pieces) == 1:
                 i, rows = pieces[0]
-                inputs = flat[i][rows], hs[i][:, rows].to(dtype), cs[i][:, rows].to(dtype)
+                inputs = features[i][rows], hs[i][:, rows].to(dtype), cs[i][:, rows].to(dtype)
             else:
                 inputs = (
-                    torch.cat([flat[i][rows] for i, rows in pieces]),
+                    torch.cat([features[i][rows] for i, rows in pieces]),
                     torch.cat([hs[i][:, rows].to(dtype) for i, rows in pieces], dim=1),
                     torch.cat([cs[i][:, rows].to(dtype) for i, rows in pieces], dim=1),
                 )
-            update, new_h, new_c = self._step_function(inputs[0].numel())(*inputs)
+            raw, new_h, new_c = self._step_function(len(inputs[0]))(*inputs)
             offset = 0
             for i, rows in pieces:
                 part = slice(offset, offset + rows.stop - rows.start)
                 offset = part.stop
-                u, h_new, c_new = update[part], [h[part] for h in new_h], [c[part] for c in new_c]
+                r, h_new, c_new = raw[part], [h[part] for h in new_h], [c[part] for c in new_c]
                 mask = finite[i]
                 if mask is not None:
-                    keep = mask[rows]
-                    u = torch.where(keep, u, 0.0)
-                    h_new = [torch.where(keep.unsqueeze(-1), h, old) for h, old in zip(h_new, hs[i][:, rows])]
-                    c_new = [torch.where(keep.unsqueeze(-1), c, old) for c, old in zip(c_new, cs[i][:, rows])]
-                yield i, rows, u, h_new, c_new
+                    keep = mask[rows].unsqueeze(-1)
+                    h_new = [torch.where(keep, h, old) for h, old in zip(h_new, hs[i][:, rows])]
+                    c_new = [torch.where(keep, c, old) for c, old in zip(c_new, cs[i][:, rows])]
+                yield i, rows, r, h_new, c_new
 
     def _run_in_place(
-        self, flat: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None], inplace: bool
+        self, features: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None], inplace: bool
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Without autograd: one copy per layer, straight into the new state (or the old one, if ``inplace``)."""
-        updates = [torch.empty_like(g) for g in flat]
+        outputs = self.net.head.out_features
+        raws = [x.new_empty(len(x), outputs) for x in features]
         new_hs = hs if inplace else [torch.empty_like(h) for h in hs]
         new_cs = cs if inplace else [torch.empty_like(c) for c in cs]
-        for i, rows, u, h_new, c_new in self._chunk_results(flat, hs, cs, finite):
-            updates[i][rows] = u
+        for i, rows, r, h_new, c_new in self._chunk_results(features, hs, cs, finite):
+            raws[i][rows] = r
             for layer, (h, c) in enumerate(zip(h_new, c_new)):
                 new_hs[i][layer, rows] = h
                 new_cs[i][layer, rows] = c
-        return updates, new_hs, new_cs
+        return raws, new_hs, new_cs
 
     def _run_differentiable(
-        self, flat: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]
+        self, features: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """With autograd (the unroll engine): pieces are concatenated, never written in place."""
-        parts: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in flat]
-        for i, _, u, h_new, c_new in self._chunk_results(flat, hs, cs, finite):
-            parts[i].append((u, torch.stack(h_new), torch.stack(c_new)))
-        updates, new_hs, new_cs = [], [], []
-        for g, h, c, pieces in zip(flat, hs, cs, parts):
+        parts: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in features]
+        for i, _, r, h_new, c_new in self._chunk_results(features, hs, cs, finite):
+            parts[i].append((r, torch.stack(h_new), torch.stack(c_new)))
+        raws, new_hs, new_cs = [], [], []
+        for x, h, c, pieces in zip(features, hs, cs, parts):
             if not pieces:  # an empty tensor
-                updates.append(torch.zeros_like(g))
+                raws.append(x.new_zeros(0, self.net.head.out_features))
                 new_hs.append(h)
                 new_cs.append(c)
                 continue
-            updates.append(torch.cat([p[0] for p in pieces]))
+            raws.append(torch.cat([p[0] for p in pieces]))
             new_hs.append(torch.cat([p[1] for p in pieces], dim=1).to(h.dtype))
             new_cs.append(torch.cat([p[2] for p in pieces], dim=1).to(c.dtype))
-        return updates, new_hs, new_cs
+        return raws, new_hs, new_cs
 
     def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
         """The net's step, compiled for full chunks when asked (one static shape: no recompiles, no guards on

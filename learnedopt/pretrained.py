@@ -77,7 +77,7 @@ def load_net(name_or_path: str | os.PathLike[str]) -> CoordinatewiseLSTM:
     config = blob.get("config")
     if not isinstance(config, dict) or not set(config) <= known:
         raise ValueError(f"{path} has an unknown architecture description {config!r}; expected keys {sorted(known)}")
-    net = CoordinatewiseLSTM(LSTMConfig(**config))
+    net = CoordinatewiseLSTM(LSTMConfig.from_dict(config))
     try:
         net.load_state_dict(blob["state_dict"])
     except (RuntimeError, KeyError) as err:
