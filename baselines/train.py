@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from learnedopt import DEFAULT_NET, CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
+from learnedopt import CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
 from learnedopt.data import load_omniglot
 from learnedopt.pretrained import atomic_save
 
@@ -27,6 +27,7 @@ from .protonet import episode_accuracy, episode_loss
 
 __all__ = ["FewShotConfig", "train", "evaluate"]
 
+PAPER_NET = "mnist-lstm"
 _MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided", "inner_rule")
 
 
@@ -93,8 +94,11 @@ def _criterion(config: FewShotConfig) -> Callable[[torch.Tensor, torch.Tensor], 
 
 
 def _inner_net(config: FewShotConfig) -> CoordinatewiseLSTM | None:
-    """The learned inner-loop optimizer (``inner_rule="lstm"``), starting from the packaged default net."""
-    return load_net(DEFAULT_NET).to(config.device) if config.inner_rule == "lstm" else None
+    """The learned inner-loop optimizer (``inner_rule="lstm"``), starting from the paper-faithful ``mnist-lstm``.
+
+    A fixed name, not the package default: checkpoints store this architecture's weights.
+    """
+    return load_net(PAPER_NET).to(config.device) if config.inner_rule == "lstm" else None
 
 
 def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int,

@@ -17,6 +17,11 @@ def _positive(value: str) -> int:
     return number
 
 
+def _horizons(value: str) -> tuple[int, ...]:
+    """A comma-separated list of positive step counts, e.g. ``200,500``."""
+    return tuple(_positive(v) for v in value.split(",") if v.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="learnedopt",
@@ -53,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--es-sigma", type=float, default=0.01, help="perturbation standard deviation (es, pes)")
     mt.add_argument("--checkpoint-segment", type=int, default=0, metavar="K",
                     help="tbptt: recompute K-step segments in backward instead of storing them (saves memory)")
+    mt.add_argument("--inputs", choices=["paper", "normalized"], default="normalized",
+                    help="LSTM inputs: the paper's (log|g|, sign g) or gradient and momenta over their RMS")
+    mt.add_argument("--output", choices=["linear", "adam"], default="adam",
+                    help="update map: the paper's unbounded linear head, or a bounded modulation of Adam's step")
+    mt.add_argument("--output-scale", type=float, default=0.0,
+                    help="update scale (0: 0.1 for linear, 1e-3 for adam, the nominal Adam learning rate)")
+    mt.add_argument("--curriculum", type=_horizons, default=(), metavar="H2,H3,...",
+                    help="later training horizons, entered when held-out scores stop improving (Chen et al. 2020)")
+    mt.add_argument("--patience", type=_positive, default=2,
+                    help="evaluations without improvement before the curriculum moves on")
+    mt.add_argument("--eval-lengths", type=_horizons, default=(), metavar="L1,L2,...",
+                    help="run lengths scored on held-out tasks (default: horizon, 2x horizon, last curriculum horizon)")
+    mt.add_argument("--rescale", type=float, default=0.0, metavar="R",
+                    help="random objective rescaling f(c*theta), log c ~ U(-R, R) per coordinate (Lv et al. 2017)")
+    mt.add_argument("--imitation", type=int, default=0, metavar="N",
+                    help="warm start: N iterations fitting the LSTM's steps to tuned Adam's (Chen et al. 2020)")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     demo = sub.add_parser("demo", help="meta-train on quadratics (~3 min), compare with tuned Adam/SGD, plot")
@@ -172,6 +193,14 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             es_pairs=args.es_pairs,
             es_sigma=args.es_sigma,
             checkpoint=args.checkpoint_segment,
+            inputs=args.inputs,
+            output=args.output,
+            output_scale=args.output_scale,
+            curriculum=args.curriculum,
+            patience=args.patience,
+            eval_lengths=args.eval_lengths,
+            rescale=args.rescale,
+            imitation=args.imitation,
         )
         trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
         trainer.train(time_budget=args.time_budget)

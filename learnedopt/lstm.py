@@ -75,7 +75,7 @@ class LSTMConfig:
     output: str = "linear"
     momentum_decays: tuple[float, ...] = (0.9, 0.5, 0.99)
     rms_decay: float = 0.999
-    magnitude_range: float = 30.0
+    magnitude_range: float = 100.0
 
     def __post_init__(self) -> None:
         if self.hidden_size < 1 or self.num_layers < 1:

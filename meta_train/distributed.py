@@ -107,3 +107,11 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def broadcast_from_lead(tensors: Sequence[Tensor]) -> None:
+    """Overwrite ``tensors`` on every rank with rank 0's values (e.g. weights that only rank 0 restored)."""
+    if rank_and_world()[1] == 1:
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)

@@ -17,7 +17,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from learnedopt.data import MNIST, load_mnist
 
-__all__ = ["MNIST_VARIANTS", "mnist_model", "MNISTTask", "MNISTFamily", "MNISTMixture"]
+__all__ = ["MNIST_VARIANTS", "mnist_model", "MNISTTask", "MNISTFamily"]
 
 Params = dict[str, Tensor]
 
@@ -37,9 +37,10 @@ MNIST_VARIANTS: dict[str, Variant] = {
     "mnist-mlp-2layer": Variant(hidden=(20, 20)),
     "mnist-mlp-relu": Variant(activation="relu"),
     "mnist-conv": Variant(conv=True),
+    "mnist-mlp-tanh": Variant(hidden=(32,), activation="tanh"),
 }
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 def mnist_model(variant: str) -> nn.Module:
@@ -143,24 +144,3 @@ class MNISTFamily:
     def sample(self, num_tasks: int, generator: torch.Generator) -> MNISTTask:
         seed = int(torch.randint(0, 2**31, (1,), generator=generator))
         return MNISTTask(self.variant, self.data, num_tasks, seed, self.batch_size)
-
-
-class MNISTMixture:
-    """Each sampled task batch is one of several MNIST variants, drawn uniformly (e.g. sigmoid and ReLU MLPs)."""
-
-    default_meta_batch = 8
-    default_eval_tasks = 8
-
-    def __init__(
-        self, variants: tuple[str, ...], data_dir: str | None = None, name: str = "mnist-mix", device: str = "cpu"
-    ) -> None:
-        self.name = name
-        self.families = [MNISTFamily(v, data_dir, device=device) for v in variants]
-
-    def components(self) -> list[MNISTFamily]:
-        """The families scored separately on held-out tasks."""
-        return self.families
-
-    def sample(self, num_tasks: int, generator: torch.Generator) -> MNISTTask:
-        pick = int(torch.randint(0, len(self.families), (1,), generator=generator))
-        return self.families[pick].sample(num_tasks, generator)

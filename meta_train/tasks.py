@@ -12,11 +12,13 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .mnist import MNIST_VARIANTS, MNISTFamily, MNISTMixture
+from .mnist import MNIST_VARIANTS, MNISTFamily
 
 Params = dict[str, Tensor]
 
-__all__ = ["Task", "TaskFamily", "QuadraticTask", "QuadraticFamily", "FAMILIES", "get_family"]
+__all__ = [
+    "Task", "TaskFamily", "QuadraticTask", "QuadraticFamily", "Mixture", "RescaledTask", "FAMILIES", "get_family",
+]
 
 
 class Task(Protocol):
@@ -104,13 +106,76 @@ class QuadraticFamily:
         return [self]
 
 
+class Mixture:
+    """Each sampled task batch comes from one member family, drawn uniformly; members are scored separately.
+
+    Example:
+        >>> import torch
+        >>> mix = Mixture([QuadraticFamily(dim=3), QuadraticFamily(dim=5)], name="two-quadratics")
+        >>> [f.dim for f in mix.components()], mix.sample(2, torch.Generator().manual_seed(0)).num_tasks
+        ([3, 5], 2)
+    """
+
+    def __init__(self, families: Sequence[TaskFamily], name: str) -> None:
+        if not families:
+            raise ValueError("a mixture needs at least one family")
+        self.name = name
+        self.families = list(families)
+        self.default_meta_batch = min(f.default_meta_batch for f in self.families)
+        self.default_eval_tasks = min(f.default_eval_tasks for f in self.families)
+
+    def components(self) -> list[TaskFamily]:
+        return self.families
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> Task:
+        pick = int(torch.randint(0, len(self.families), (1,), generator=generator))
+        return self.families[pick].sample(num_tasks, generator)
+
+
+class RescaledTask:
+    """Random objective rescaling (Lv et al. 2017): optimize ``f(c * theta)`` from ``theta_0 / c``.
+
+    ``c = exp(U(-log_range, log_range))`` is drawn per coordinate when the initial parameters are drawn, so a rule
+    cannot rely on the absolute scale of gradients or parameters; the loss values are those of the original task.
+    """
+
+    def __init__(self, task: Task, log_range: float) -> None:
+        self.task, self.log_range = task, log_range
+        self.num_tasks, self.device = task.num_tasks, task.device
+        self.scales: Params = {}
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        params = self.task.init_params(generator)
+        self.scales = {
+            k: torch.exp((2 * torch.rand(v.shape, generator=generator) - 1) * self.log_range).to(v)
+            for k, v in params.items()
+        }
+        return {k: v / self.scales[k] for k, v in params.items()}
+
+    def loss(self, params: Params, batch: Any) -> Tensor:
+        return self.task.loss({k: v * self.scales[k] for k, v in params.items()}, batch)
+
+    def batch(self, step: int) -> Any:
+        return self.task.batch(step)
+
+
 def _mnist_family(variants: tuple[str, ...], name: str) -> Callable[..., TaskFamily]:
     def build(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
         if len(variants) == 1:
             return MNISTFamily(variants[0], data_dir, device=device)
-        return MNISTMixture(variants, data_dir, name=name, device=device)
+        return Mixture([MNISTFamily(v, data_dir, device=device) for v in variants], name=name)
 
     return build
+
+
+# The broad training distribution of the general default net: MLPs of several widths, depths and activations,
+# a conv net and quadratics. The drop-in benchmark (benchmarks/drop_in.py) uses none of these models.
+GENERAL_MNIST = ("mnist-mlp", "mnist-mlp-relu", "mnist-mlp-tanh", "mnist-mlp-2layer", "mnist-conv")
+
+
+def _general(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
+    members: list[TaskFamily] = [MNISTFamily(v, data_dir, device=device) for v in GENERAL_MNIST]
+    return Mixture([*members, QuadraticFamily(device=device)], name="general")
 
 
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {
@@ -118,6 +183,7 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     **{v: _mnist_family((v,), v) for v in MNIST_VARIANTS},
     "mnist-mix": _mnist_family(("mnist-mlp", "mnist-mlp-relu"), "mnist-mix"),  # sigmoid and ReLU MLPs
     "mnist-all": _mnist_family(tuple(MNIST_VARIANTS), "mnist-all"),  # every variant of the study
+    "general": _general,
 }
 
 

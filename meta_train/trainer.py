@@ -34,15 +34,19 @@ from learnedopt import (
 )
 from learnedopt.pretrained import atomic_save
 
-from .distributed import all_reduce_mean, any_rank, rank_and_world, shard
+from .distributed import all_reduce_mean, any_rank, broadcast_from_lead, rank_and_world, shard
 from .evaluate import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
-from .tasks import get_family
+from .imitation import imitation_step
+from .tasks import RescaledTask, Task, TaskFamily, get_family
 
 __all__ = ["MetaTrainConfig", "MetaTrainer"]
 
 _RESUME_MUST_MATCH = (
     "task", "horizon", "unroll", "meta_batch", "hidden_size", "num_layers", "objective", "seed", "estimator",
+    "inputs", "output", "output_scale", "curriculum", "rescale", "imitation",
 )
+# what a setting means in a checkpoint written before it existed
+_SAVED_DEFAULTS = {"inputs": "paper", "output": "linear", "curriculum": (), "rescale": 0.0, "imitation": 0}
 
 
 @dataclass
@@ -59,7 +63,13 @@ class MetaTrainConfig:
     objective: str = "log"  # "sum": the paper's sum of losses; "log": sum of log-losses (weighs relative progress)
     hidden_size: int = 20
     num_layers: int = 2
-    output_scale: float = 0.1
+    output_scale: float = 0.0  # 0: the output map's default (0.1 for "linear", 1e-3 for "adam")
+    inputs: str = "normalized"  # LSTM inputs: "paper" (log|g|/p, sign g) or "normalized" (see LSTMConfig)
+    output: str = "adam"  # "linear" (the paper's) or "adam" (bounded modulation of a nominal Adam step)
+    curriculum: tuple[int, ...] = ()  # later training horizons; move on when held-out scores stop improving
+    patience: int = 2  # evaluations without a better stage score before the curriculum moves on
+    rescale: float = 0.0  # random objective rescaling f(c * theta), log c ~ U(-rescale, rescale) per coordinate
+    imitation: int = 0  # warm start: iterations fitting the LSTM's steps to tuned Adam's before meta-training
     eval_every: int = 25
     eval_tasks: int = 0  # 0: the task family's default
     eval_lengths: tuple[int, ...] = ()  # run lengths scored on held-out tasks; () means (horizon, 2 * horizon)
@@ -74,8 +84,12 @@ class MetaTrainConfig:
     checkpoint: int = 0  # tbptt: recompute segments of this many steps in backward instead of storing them
 
     def __post_init__(self) -> None:
-        if self.horizon % self.unroll:
-            raise ValueError(f"horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})")
+        self.curriculum = tuple(self.curriculum)
+        for horizon in (self.horizon, *self.curriculum):
+            if horizon % self.unroll:
+                raise ValueError(f"horizon ({horizon}) must be a multiple of unroll ({self.unroll})")
+        if self.rescale < 0 or self.imitation < 0 or self.patience < 1 or self.output_scale < 0:
+            raise ValueError("rescale, imitation and output_scale must be >= 0 and patience >= 1")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.checkpoint < 0:
@@ -115,8 +129,12 @@ class MetaTrainer:
         )
         self.config = config
         torch.manual_seed(config.seed)
+        scale = config.output_scale or (0.1 if config.output == "linear" else 1e-3)
         self.net = CoordinatewiseLSTM(
-            LSTMConfig(hidden_size=config.hidden_size, num_layers=config.num_layers, output_scale=config.output_scale)
+            LSTMConfig(
+                hidden_size=config.hidden_size, num_layers=config.num_layers, output_scale=scale,
+                inputs=config.inputs, output=config.output,
+            )
         )
         if config.init_net:
             start = load_net(config.init_net)
@@ -130,6 +148,10 @@ class MetaTrainer:
         self.best_score = math.inf
         self.adam_lrs: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.stage = 0  # index into (horizon, *curriculum)
+        self.stage_best = math.inf
+        self.stale = 0  # evaluations since the stage's score last improved
+        self.imitated = 0  # imitation iterations done
         checkpoint = self.out / "checkpoint.pt"
         if resume and checkpoint.is_file():
             self._load(checkpoint)
@@ -146,6 +168,8 @@ class MetaTrainer:
                 "best_score": self.best_score,
                 "adam_lrs": self.adam_lrs,
                 "history": self.history,
+                "curriculum": {"stage": self.stage, "stage_best": self.stage_best, "stale": self.stale},
+                "imitated": self.imitated,
             },
             self.out / "checkpoint.pt",
         )
@@ -156,7 +180,11 @@ class MetaTrainer:
         except Exception as err:
             raise ValueError(f"cannot resume: {path} is unreadable ({err}); delete it to start afresh") from err
         saved = ckpt["config"]
-        mismatched = [k for k in _RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
+        def value(key: str) -> Any:
+            v = saved.get(key, _SAVED_DEFAULTS.get(key))
+            return tuple(v) if isinstance(v, list) else v
+
+        mismatched = [k for k in _RESUME_MUST_MATCH if value(k) != getattr(self.config, k)]
         if mismatched:
             details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {getattr(self.config, k)!r}" for k in mismatched)
             raise ValueError(f"cannot resume {path}: the run was started with other settings ({details})")
@@ -168,6 +196,11 @@ class MetaTrainer:
         self.best_score = ckpt["best_score"]
         self.adam_lrs = ckpt["adam_lrs"]
         self.history = ckpt["history"]
+        stage = ckpt.get("curriculum", {})
+        self.stage, self.stage_best, self.stale = stage.get("stage", 0), stage.get("stage_best", math.inf), stage.get(
+            "stale", 0
+        )
+        self.imitated = ckpt.get("imitated", 0)
 
     # -- training ----------------------------------------------------------------------------------------------
     def meta_step(self) -> float:
@@ -177,14 +210,17 @@ class MetaTrainer:
         averaged over ranks before the (identical) meta-optimizer step.
         """
         cfg = self.config
-        task = shard(self.family.sample(cfg.meta_batch, self.generator))
+        horizon = self.horizon
+        task: Task = shard(self.family.sample(cfg.meta_batch, self.generator))
+        if cfg.rescale:
+            task = RescaledTask(task, cfg.rescale)
         estimator = self._estimator()
         carry = estimator.start(task.init_params(self.generator))
         rule = LSTMRule(self.net)
         meta_params = list(self.net.parameters())
         transform = torch.log if cfg.objective == "log" else None
         total = torch.zeros((), dtype=torch.float64)
-        for start in range(0, cfg.horizon, cfg.unroll):
+        for start in range(0, horizon, cfg.unroll):
 
             def batch(t: int, start: int = start) -> Any:
                 return task.batch(start + t)
@@ -199,7 +235,39 @@ class MetaTrainer:
             self.meta_opt.step()
             total += meta_loss
         all_reduce_mean([total])
-        return total.item() / (cfg.horizon // cfg.unroll)
+        return total.item() / (horizon // cfg.unroll)
+
+    @property
+    def horizon(self) -> int:
+        """The training horizon of the current curriculum stage."""
+        return (self.config.horizon, *self.config.curriculum)[self.stage]
+
+    def eval_lengths(self) -> tuple[int, ...]:
+        """Run lengths scored on held-out tasks: ``eval_lengths``, else the first horizon, twice it, and the
+        curriculum's last horizon."""
+        cfg = self.config
+        lengths = cfg.eval_lengths or (cfg.horizon, 2 * cfg.horizon, *cfg.curriculum[-1:])
+        return tuple(sorted(set(lengths)))
+
+    def _adam_lr(self, family: TaskFamily, steps: int) -> float:
+        """Adam's best learning rate for ``family`` at ``steps``, tuned once on the tuning tasks and cached."""
+        key = f"{family.name}@{steps}"
+        if key not in self.adam_lrs:
+            task = family.sample(self.config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+            self.adam_lrs[key], _ = tune_lr(task, BASELINES["Adam"], steps)
+        return self.adam_lrs[key]
+
+    def imitate(self) -> float:
+        """One imitation iteration (warm start): a random member family's tasks, Adam at its tuned rate as teacher."""
+        cfg = self.config
+        members = self.family.components()
+        family = members[int(torch.randint(0, len(members), (1,), generator=self.generator))]
+        task = shard(family.sample(cfg.meta_batch, self.generator))
+        teacher = BASELINES["Adam"](self._adam_lr(family, cfg.horizon))
+        return imitation_step(
+            LSTMRule(self.net), teacher, task, cfg.horizon, cfg.unroll, self.meta_opt, self.generator, cfg.clip,
+            reduce=all_reduce_mean,
+        )
 
     def _estimator(self) -> GradientEstimator:
         cfg = self.config
@@ -216,18 +284,15 @@ class MetaTrainer:
         the horizon trained on, rather than the meta-loss.
         """
         cfg = self.config
-        lengths = cfg.eval_lengths or (cfg.horizon, 2 * cfg.horizon)
         rule = LSTMRule(self.net)
         scores: dict[str, float] = {}
         log_ratios = []
         for family in self.family.components():
             task = family.sample(cfg.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
-            for steps in lengths:
+            for steps in self.eval_lengths():
                 key = f"{family.name}@{steps}"
-                if key not in self.adam_lrs:
-                    self.adam_lrs[key], _ = tune_lr(task, BASELINES["Adam"], steps)
                 lstm = final_score(run_rule(task, rule, steps, TUNE_SEED).losses)
-                adam = final_score(run_rule(task, BASELINES["Adam"](self.adam_lrs[key]), steps, TUNE_SEED).losses)
+                adam = final_score(run_rule(task, BASELINES["Adam"](self._adam_lr(family, steps)), steps, TUNE_SEED).losses)
                 scores[f"eval/lstm_final_loss/{key}"] = lstm
                 scores[f"eval/ratio_to_adam/{key}"] = lstm / adam
                 log_ratios.append(math.log(lstm / adam) if lstm > 0 and math.isfinite(lstm) else math.inf)
@@ -254,6 +319,14 @@ class MetaTrainer:
         )
         deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
         try:
+            while self.imitated < cfg.imitation and time.perf_counter() < deadline:
+                mismatch = self.imitate()
+                self.imitated += 1
+                bar.set_postfix(imitation=f"{mismatch:.3g}")
+                if writer is not None:
+                    writer.add_scalar("imitation/step_mismatch", mismatch, self.imitated)
+                    if self.imitated == cfg.imitation:
+                        self._save()
             while self.iteration < cfg.iterations:
                 started = time.perf_counter()
                 meta_loss = self.meta_step()
@@ -262,18 +335,26 @@ class MetaTrainer:
                 bar.set_postfix(meta_loss=f"{meta_loss:.3g}")
                 bar.update()
                 last = self.iteration == cfg.iterations or out_of_time
+                evaluating = self.iteration % cfg.eval_every == 0 or last
+                advance = False
                 if writer is not None:
                     writer.add_scalar("meta_loss", meta_loss, self.iteration)
                     writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
-                    if self.iteration % cfg.eval_every == 0 or last:
+                    if evaluating:
                         scores = self.evaluate()
                         for key, value in scores.items():
                             writer.add_scalar(key, value, self.iteration)
-                        self.history.append({"iteration": self.iteration, "meta_loss": meta_loss, **scores})
+                        self.history.append({"iteration": self.iteration, "horizon": self.horizon, "meta_loss": meta_loss, **scores})
                         if scores["eval/score"] < self.best_score:
                             self.best_score = scores["eval/score"]
                             self._save_net("net.pt")
                         bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{scores['eval/score']:.3f}")
+                        advance = self._stage_is_done(scores["eval/score"])
+                if evaluating and self.stage < len(cfg.curriculum) and any_rank(advance, cfg.device):
+                    self._next_stage()
+                    if writer is not None:
+                        writer.add_scalar("curriculum/horizon", self.horizon, self.iteration)
+                if writer is not None:
                     if self.iteration % cfg.checkpoint_every == 0 or last:
                         self._save_net("last.pt")
                         self._save()
@@ -287,6 +368,22 @@ class MetaTrainer:
             self._save_net("net.pt")
         _barrier()
         return load_net(self.out / "net.pt")
+
+    def _stage_is_done(self, score: float) -> bool:
+        """Track the stage's best held-out score; true once it has not improved for ``patience`` evaluations."""
+        if score < self.stage_best:
+            self.stage_best, self.stale = score, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.config.patience
+
+    def _next_stage(self) -> None:
+        """Move to the next curriculum horizon, from the best weights so far (Chen et al. 2020)."""
+        if rank_and_world()[0] == 0 and (self.out / "net.pt").is_file():
+            self.net.load_state_dict(load_net(self.out / "net.pt").state_dict())
+        broadcast_from_lead(list(self.net.parameters()))
+        self.stage += 1
+        self.stage_best, self.stale = math.inf, 0
 
     def _save_net(self, name: str) -> None:
         save_net(
