@@ -2,6 +2,11 @@
 
     python benchmarks/step.py [--sizes 10000 100000 1000000 10000000] [--threads 1] [--device cpu]
                               [--compile] [--state-dtype bfloat16] [--chunk-size 16384] [--repeats 3]
+                              [--archs paper general]
+
+``--archs`` picks the nets' architectures (the step's cost does not depend on the weights): ``paper`` is the
+paper's LSTM (log/sign inputs, linear head); ``general`` the default net's (normalized multi-timescale inputs,
+bounded Adam-modulating output), whose extra running moments cost the ``moments`` FLOPs below.
 
 For each size the table gives: the median step time; the LSTM's floating-point operations per step (the
 gate matmuls, biases, the elementwise cell math with a transcendental counted as one operation, the head and
@@ -31,22 +36,27 @@ from learnedopt import CoordinatewiseLSTM, LearnedOptimizer
 def lstm_flops_per_coordinate(net: CoordinatewiseLSTM) -> int:
     """Floating-point operations of one coordinate's LSTM step (each elementwise op, exp/tanh included, = 1)."""
     hidden, layers = net.config.hidden_size, net.config.num_layers
-    preprocess = 6  # abs, compare, log, scale, sign, select
+    config = net.config
+    if config.uses_moments:  # per momentum: lerp, bias correction, scale; v: square, lerp, correction, sqrt...
+        preprocess = 4 * len(config.momentum_decays) + 8 + 8  # ... and the bounded output map
+    else:
+        preprocess = 6  # abs, compare, log, scale, sign, select
     total = preprocess
-    inputs = 2
+    inputs = config.input_size
     for _ in range(layers):
         gates = 4 * hidden
         total += 2 * (inputs + hidden) * gates + gates  # the fused matmul of [x, h] and the bias
         total += 3 * hidden + 2 * hidden  # sigmoid on three gates, tanh on the candidate and on the new cell
         total += 3 * hidden + hidden  # c' = f*c + i*g and h' = o*tanh(c')
         inputs = hidden
-    return total + 2 * hidden + 1 + 1  # head (dot product + bias) and the output scale
+    outputs = net.head.out_features
+    return total + outputs * (2 * hidden + 1) + 1  # head (dot products + bias) and the output scale
 
 
 def gemm_rate(net: CoordinatewiseLSTM, rows: int, device: str, repeats: int = 20) -> float:
     """FLOP/s of the LSTM's gate matmuls, ``(rows, in + hidden) @ (in + hidden, 4 hidden)`` for each layer."""
     hidden = net.config.hidden_size
-    widths = [2 + hidden] + [2 * hidden] * (net.config.num_layers - 1)
+    widths = [net.config.input_size + hidden] + [2 * hidden] * (net.config.num_layers - 1)
     xs = [torch.randn(rows, w, device=device) for w in widths]
     ws = [torch.randn(w, 4 * hidden, device=device) for w in widths]
     outs = [torch.empty(rows, 4 * hidden, device=device) for _ in widths]
@@ -119,10 +129,22 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=16384)
     parser.add_argument("--compile", action="store_true", help="LearnedOptimizer(compile=True)")
     parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=["paper", "general"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    net = CoordinatewiseLSTM().to(args.device)
+    for arch in args.archs:
+        print(f"\n### {arch}")
+        _table(ARCHS[arch]().to(args.device), args)
+
+
+ARCHS: dict[str, Callable[[], CoordinatewiseLSTM]] = {
+    "paper": CoordinatewiseLSTM,
+    "general": lambda: CoordinatewiseLSTM(inputs="normalized", output="adam", output_scale=1e-3),
+}
+
+
+def _table(net: CoordinatewiseLSTM, args: argparse.Namespace) -> None:
     flops = lstm_flops_per_coordinate(net)
     rate = gemm_rate(net, args.chunk_size, args.device)
     transcendental_rate = elementwise_rate(args.chunk_size, net.config.hidden_size, args.device)

@@ -256,6 +256,10 @@ class LSTMRule:
     def compute_dtype(self) -> torch.dtype:
         return self.net.head.weight.dtype
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles drop the compiled step (it is rebuilt on first use)."""
+        return {**self.__dict__, "_compiled": None}
+
     def init(self, params: Sequence[Tensor]) -> RuleState:
         dtype = self.state_dtype or self.compute_dtype
         config = self.net.config

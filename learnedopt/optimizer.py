@@ -24,6 +24,8 @@ __all__ = ["RuleOptimizer", "LearnedOptimizer"]
 
 def _validate_lr(lr: Any) -> None:
     if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
         lr = lr.item()
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid learning rate: {lr!r} (expected a finite number >= 0)")
@@ -109,15 +111,35 @@ class RuleOptimizer(Optimizer):
         """Load state like ``torch.optim``, but keep each state tensor's saved dtype.
 
         ``torch.optim`` casts floating state to the parameter's dtype; a float32 hidden state kept beside
-        bfloat16 parameters would lose bits, and training would not continue bit-identically.
+        bfloat16 parameters would lose bits, and training would not continue bit-identically. The saved tensors
+        are taken after every registered load-state-dict pre-hook has run (a last hook of ours records them).
         """
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
+        seen: dict[str, Any] = {}
+
+        def record(optimizer: Optimizer, loaded: dict[str, Any]) -> None:
+            seen["state_dict"] = loaded
+
+        handle = self.register_load_state_dict_pre_hook(record)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        loaded = seen.get("state_dict") or state_dict
+        saved_ids = [i for group in loaded["param_groups"] for i in group["params"]]
+        params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
+        for index, saved in loaded["state"].items():
+            if index not in params:
+                continue  # torch.optim keeps such entries as they are
             p = params[index]
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.detach().to(device=p.device, copy=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.optim`` pickles only defaults, state and groups; the rule is part of this optimizer too."""
+        return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if k in self._extra_state}}
+
+    _extra_state: tuple[str, ...] = ("rule",)
 
 
 class LearnedOptimizer(RuleOptimizer):
@@ -179,6 +201,8 @@ class LearnedOptimizer(RuleOptimizer):
         rule = LSTMRule(net, state_dtype, chunk_size, compile)
         self._rules: dict[torch.device, LSTMRule] = {net.head.weight.device: rule}
         super().__init__(params, rule, lr)
+
+    _extra_state = ("rule", "net", "_rules")
 
     def _rule_for(self, device: torch.device) -> LSTMRule:
         """The rule whose net lives on ``device``: the net is copied once per device it is needed on."""

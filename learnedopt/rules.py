@@ -104,7 +104,7 @@ class Adam:
         beta1, beta2 = self.betas
         updates, new_state = [], []
         for g, s in zip(grads, state):
-            step = s["step"] + 1
+            step = torch.as_tensor(s["step"], dtype=torch.float32) + 1  # older checkpoints store a number
             m = beta1 * s["exp_avg"] + (1 - beta1) * g
             v = beta2 * s["exp_avg_sq"] + (1 - beta2) * g * g
             bias1 = 1 - beta1 ** step.item()

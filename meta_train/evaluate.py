@@ -34,6 +34,7 @@ __all__ = [
     "TUNE_SEED",
     "TEST_SEED",
     "run_rule",
+    "final_losses",
     "final_score",
     "tune_lr",
     "Curves",
@@ -65,10 +66,16 @@ def run_rule(task: Task, rule: UpdateRule, steps: int, init_seed: int) -> Unroll
         return unroll(task.loss, params, rule, None, steps, task.batch)
 
 
-def final_score(losses: Tensor) -> float:
-    """Median final loss over tasks; diverged runs (NaN/Inf) count as +Inf."""
-    final = torch.nan_to_num(losses[-1].double(), nan=math.inf, posinf=math.inf)
-    return float(final.median())
+def final_losses(task: Task, result: UnrollResult) -> Tensor:
+    """Each task's final loss: on the task's fixed evaluation set where it has one (``task.eval_loss``, e.g. 10k
+    MNIST training images), else at the last step; diverged runs (NaN/Inf) count as +Inf."""
+    final = task.eval_loss(result.params) if hasattr(task, "eval_loss") else result.losses[-1]
+    return torch.nan_to_num(final.detach().double().cpu(), nan=math.inf, posinf=math.inf)
+
+
+def final_score(task: Task, result: UnrollResult) -> float:
+    """Median of :func:`final_losses` over tasks: what tunes learning rates and selects nets."""
+    return float(final_losses(task, result).median())
 
 
 def tune_lr(
@@ -79,7 +86,7 @@ def tune_lr(
     init_seed: int = TUNE_SEED,
 ) -> tuple[float, dict[float, float]]:
     """Return the grid learning rate with the lowest median final loss on ``task``, and every score."""
-    scores = {lr: final_score(run_rule(task, make_rule(lr), steps, init_seed).losses) for lr in grid}
+    scores = {lr: final_score(task, run_rule(task, make_rule(lr), steps, init_seed)) for lr in grid}
     best = min(scores, key=lambda lr: (scores[lr], lr))
     return best, scores
 
@@ -99,12 +106,16 @@ class Curves:
     accuracy: dict[str, Tensor] = field(default_factory=dict)  # name -> (num_tasks,) test accuracy at the end
     meta: dict[str, object] = field(default_factory=dict)
 
-    def add(self, name: str, losses: Tensor, lr: float | None = None, accuracy: Tensor | None = None) -> None:
-        """Record an optimizer's ``(steps + 1, num_tasks)`` losses; diverged values count as +Inf."""
+    def add(
+        self, name: str, losses: Tensor, lr: float | None = None, accuracy: Tensor | None = None,
+        final: Tensor | None = None,
+    ) -> None:
+        """Record an optimizer's ``(steps + 1, num_tasks)`` minibatch losses (for the curves) and its final
+        losses (default: the last step's; see :func:`final_losses`); diverged values count as +Inf."""
         clean = torch.nan_to_num(losses.detach().double().cpu(), nan=math.inf)
         levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
         self.quartiles[name] = torch.quantile(clean.clamp_max(1e30), levels, dim=1)
-        self.finals[name] = clean[-1]
+        self.finals[name] = clean[-1] if final is None else final.double().cpu()
         self.lrs[name] = lr
         if accuracy is not None:
             self.accuracy[name] = accuracy.double().cpu()
@@ -240,6 +251,6 @@ def compare(
     for name, rule in rules.items():
         result = run_rule(test_task, rule, steps, eval_seed)
         accuracy = test_task.test_accuracy(result.params) if hasattr(test_task, "test_accuracy") else None
-        curves.add(name, result.losses, lrs[name], accuracy)
+        curves.add(name, result.losses, lrs[name], accuracy, final=final_losses(test_task, result))
     curves.meta["tuning_scores"] = {k: {f"{lr:.3g}": s for lr, s in v.items()} for k, v in tuning.items()}
     return curves

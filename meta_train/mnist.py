@@ -68,6 +68,12 @@ def _mnist(data_dir: str | None, device: str) -> MNIST:
     return MNIST(*(t.to(device) for t in (data.train_images, data.train_labels, data.test_images, data.test_labels)))
 
 
+@lru_cache(maxsize=4)
+def _eval_subset(size: int, examples: int) -> Tensor:
+    """The fixed evaluation subset of the training set (the same for every task, optimizer and run)."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:examples]
+
+
 class MNISTTask:
     """``num_tasks`` copies of an MNIST classifier; ``loss`` is each copy's mean cross-entropy on its minibatch."""
 
@@ -107,6 +113,25 @@ class MNISTTask:
     def loss(self, params: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
         images, labels = batch
         return self._losses(params, images, labels)
+
+    @torch.no_grad()
+    def eval_loss(self, params: Params, examples: int = 10_000, chunk: int = 2500) -> Tensor:
+        """Each copy's mean cross-entropy on a fixed subset of ``examples`` training images, ``(num_tasks,)``.
+
+        Scores the final parameters on the same data for every optimizer: the loss of one last minibatch of 128
+        is noisy enough to reorder optimizers.
+        """
+        params = {k: v.detach() for k, v in params.items()}
+        fixed = _eval_subset(len(self.data.train_labels), examples).to(self.device)
+        total = torch.zeros(self.num_tasks, device=self.device)
+        for start in range(0, len(fixed), chunk):
+            index = fixed[start : start + chunk]
+            logits = self._logits(params, self.data.train_images[index])
+            labels = self.data.train_labels[index].expand(self.num_tasks, -1)
+            total += nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(
+                self.num_tasks, -1
+            ).sum(-1)
+        return total.cpu() / len(fixed)
 
     @torch.no_grad()
     def test_accuracy(self, params: Params, chunk: int = 2500) -> Tensor:

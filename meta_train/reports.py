@@ -40,7 +40,9 @@ def _write(curves: Curves, out: Path, name: str, reference: str = "Adam") -> str
     table = curves.markdown(reference)
     command = curves.meta.get("command", "")
     (out / f"{name}.md").write_text(
-        f"# {curves.title}\n\nCommand: `{command}`\n\nHardware: {curves.meta.get('hardware', '')}\n\n{table}\n\n"
+        f"# {curves.title}\n\nCommand: `{command}`\n\nHardware: {curves.meta.get('hardware', '')}\n\n"
+        f"Final loss: {curves.meta.get('final_loss', 'the loss at the last step')} (also what tuned the baselines' "
+        f"learning rates).\n\n{table}\n\n"
         f"![loss curves]({name}.png)\n"
     )
     return table
@@ -81,7 +83,13 @@ def benchmark(
     title = f"{task}: {num_tasks} {'held-out' if split == 'test' else 'tuning'} tasks, {steps} steps"
     started = time.perf_counter()
     curves = compare(tune_task, eval_task, {n: n for n in nets}, baselines, steps, title, eval_seed, state_dtypes)
-    curves.meta.update(command=command, hardware=hardware(), seconds=round(time.perf_counter() - started, 1))
+    scored = (
+        "loss of the final parameters on a fixed 10,000-image subset of the training set"
+        if hasattr(eval_task, "eval_loss") else "the objective at the last step"
+    )
+    curves.meta.update(
+        command=command, hardware=hardware(), seconds=round(time.perf_counter() - started, 1), final_loss=scored
+    )
     _log_tensorboard(curves, out / "tb" / name)
     return _write(curves, out, name)
 

@@ -291,8 +291,9 @@ class MetaTrainer:
             task = family.sample(cfg.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
             for steps in self.eval_lengths():
                 key = f"{family.name}@{steps}"
-                lstm = final_score(run_rule(task, rule, steps, TUNE_SEED).losses)
-                adam = final_score(run_rule(task, BASELINES["Adam"](self._adam_lr(family, steps)), steps, TUNE_SEED).losses)
+                lstm = final_score(task, run_rule(task, rule, steps, TUNE_SEED))
+                adam_rule = BASELINES["Adam"](self._adam_lr(family, steps))
+                adam = final_score(task, run_rule(task, adam_rule, steps, TUNE_SEED))
                 scores[f"eval/lstm_final_loss/{key}"] = lstm
                 scores[f"eval/ratio_to_adam/{key}"] = lstm / adam
                 log_ratios.append(math.log(lstm / adam) if lstm > 0 and math.isfinite(lstm) else math.inf)

@@ -33,9 +33,9 @@ def test_short_meta_training_beats_untrained_net_and_tuned_sgd(tmp_path):
     test = family.sample(500, torch.Generator().manual_seed(TEST_SEED))
     tune = family.sample(256, torch.Generator().manual_seed(TUNE_SEED))
     sgd_lr, _ = tune_lr(tune, BASELINES["SGD"], 100)
-    trained_score = final_score(run_rule(test, LSTMRule(trained), 100, TEST_SEED).losses)
-    untrained_score = final_score(run_rule(test, LSTMRule(untrained), 100, TEST_SEED).losses)
-    sgd_score = final_score(run_rule(test, BASELINES["SGD"](sgd_lr), 100, TEST_SEED).losses)
+    trained_score = final_score(test, run_rule(test, LSTMRule(trained), 100, TEST_SEED))
+    untrained_score = final_score(test, run_rule(test, LSTMRule(untrained), 100, TEST_SEED))
+    sgd_score = final_score(test, run_rule(test, BASELINES["SGD"](sgd_lr), 100, TEST_SEED))
     assert trained_score < untrained_score
     assert trained_score < sgd_score
 

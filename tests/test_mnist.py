@@ -148,3 +148,22 @@ def test_default_learned_optimizer_trains_an_mnist_mlp(mnist):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@needs_mnist
+def test_runs_are_scored_on_a_fixed_evaluation_set_not_the_last_minibatch():
+    from meta_train.evaluate import final_losses, run_rule
+
+    task = MNISTFamily("mnist-mlp").sample(3, torch.Generator().manual_seed(0))
+    result = run_rule(task, learnedopt.adam(1e-2), 5, init_seed=1)
+    scored = final_losses(task, result)
+    model = mnist_model("mnist-mlp")
+    index = torch.randperm(60000, generator=torch.Generator().manual_seed(0))[:10_000]
+    for i in range(3):
+        torch.nn.utils.vector_to_parameters(
+            torch.cat([result.params[k][i].flatten() for k, _ in model.named_parameters()]), model.parameters()
+        )
+        with torch.no_grad():
+            expected = nn.functional.cross_entropy(model(task.data.train_images[index]), task.data.train_labels[index])
+        assert float(scored[i]) == pytest.approx(float(expected), rel=1e-5)
+    assert not torch.allclose(scored, result.losses[-1].double())  # not the last minibatch's loss

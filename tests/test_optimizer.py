@@ -243,3 +243,92 @@ def test_cuda_step_matches_cpu(small_net):
     for a, b in zip(cpu.parameters(), gpu.parameters()):
         assert b.is_cuda and opt_gpu.state[b]["h"].is_cuda
         torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def _trained_pair(opt_factory):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 2)
+    opt = opt_factory(model.parameters())
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    return model, opt, step
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda p: learnedopt.LearnedOptimizer(p),
+        lambda p: learnedopt.LearnedOptimizer(p, net="mnist-lstm"),
+        lambda p: learnedopt.RuleOptimizer(p, learnedopt.adam(1e-2)),
+    ],
+)
+def test_copied_optimizer_continues_bit_identically(how, factory):
+    import copy
+    import pickle
+
+    model, opt, step = _trained_pair(factory)
+    for _ in range(3):
+        step()
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+    for m, o in ((model, opt), (model2, opt2)):
+        for _ in range(3):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_multi_element_tensor_lr_is_refused_like_torch():
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(2))], lr=torch.tensor([1.0, 2.0]))
+
+
+def test_adam_rule_loads_a_state_dict_whose_step_is_a_number():
+    w = torch.nn.Parameter(torch.ones(3))
+    reference = torch.optim.Adam([w], lr=0.1)
+    w.grad = torch.ones(3)
+    reference.step()
+    saved = copy.deepcopy(reference.state_dict())
+    saved["state"][0]["step"] = 1.0  # how older torch.optim.Adam checkpoints store it
+    v = torch.nn.Parameter(w.detach().clone())
+    opt = learnedopt.RuleOptimizer([v], learnedopt.adam(1.0), lr=0.1)  # the group lr scales the rule
+    opt.load_state_dict(saved)
+    v.grad = torch.ones(3)
+    w.grad = torch.ones(3)
+    opt.step()
+    reference.step()
+    torch.testing.assert_close(v, w)
+
+
+def test_load_state_dict_keeps_what_a_pre_hook_put_in():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = learnedopt.LearnedOptimizer([w])
+    w.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))])
+
+    def zero_hidden_state(optimizer, state_dict):
+        state_dict = copy_state(state_dict)
+        state_dict["state"][0]["h"] = torch.zeros_like(state_dict["state"][0]["h"])
+        return state_dict
+
+    def copy_state(state_dict):
+        return {**state_dict, "state": {k: dict(v) for k, v in state_dict["state"].items()}}
+
+    fresh.register_load_state_dict_pre_hook(zero_hidden_state)
+    fresh.load_state_dict(saved)
+    p = fresh.param_groups[0]["params"][0]
+    assert torch.count_nonzero(fresh.state[p]["h"]) == 0
+    assert torch.count_nonzero(saved["state"][0]["h"]) > 0

@@ -1,0 +1,425 @@
+"""Drop-in benchmark: swap a learned optimizer (lr=1, untuned) into ordinary PyTorch training loops.
+
+    python benchmarks/drop_in.py [--nets general-lstm mnist-lstm] [--seeds 3] [--out results/drop_in]
+
+Every loop is a plain ``model / loss.backward() / opt.step()`` loop over a model the nets were not meta-trained
+on, run for 500-2000 steps. Each optimizer sees the same initializations and minibatches. Baselines: Adam at
+lr=1e-3, and Adam and Nesterov SGD (momentum 0.9) at the learning rate that scores best on a separate tuning seed.
+A run is scored by its loss on a fixed evaluation set (never the last minibatch), plus test accuracy where a test
+set exists. Results are cached per (loop, optimizer, seed) in ``OUT/runs.json``, so a new net reruns only its own
+rows; ``results/drop_in.md`` and ``results/drop_in.png`` are rewritten from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import learnedopt
+from learnedopt.data import load_mnist
+from meta_train.reports import hardware
+
+TUNE_SEED = 1000
+ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+NAG_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+EVAL_POINTS = 10  # evaluations on the fixed set per run (for curves and the drift check)
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Data:
+    """Minibatches as a pure function of (seed, step), a fixed evaluation set and an optional test set."""
+
+    batch: Callable[[int, int], Batch]
+    eval_set: Batch
+    test_set: Batch | None
+    loss: Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Loop:
+    name: str
+    steps: int
+    model: Callable[[], nn.Module]
+    data: Callable[[], Data]
+    description: str
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+_MNIST: dict[str, Data] = {}
+
+
+def _mnist(flat: bool, target: str = "label") -> Callable[[], Data]:
+    """MNIST minibatches of 128; evaluation on a fixed 10k subset of the training set, accuracy on the test set."""
+
+    def build() -> Data:
+        key = f"{flat}-{target}"
+        if key not in _MNIST:
+            mnist = load_mnist()
+            images, test = mnist.train_images, mnist.test_images
+            if flat:
+                images, test = images.flatten(1), test.flatten(1)
+            fixed = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:10_000]
+
+            def pairs(x: Tensor, y: Tensor) -> Batch:
+                return (x, x) if target == "image" else (x, y)
+
+            def batch(seed: int, step: int) -> Batch:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                index = torch.randint(0, len(images), (128,), generator=g)
+                return pairs(images[index], mnist.train_labels[index])
+
+            loss = nn.functional.mse_loss if target == "image" else nn.functional.cross_entropy
+            test_set = None if target == "image" else (test, mnist.test_labels)
+            _MNIST[key] = Data(batch, pairs(images[fixed], mnist.train_labels[fixed]), test_set, loss)
+        return _MNIST[key]
+
+    return build
+
+
+def _copy_task(vocab: int = 16, length: int = 8) -> Data:
+    """Sequences ``x, SEP, x``: a language model must copy the first half; loss on the second half only."""
+    sep = vocab
+
+    def sample(g: torch.Generator, n: int) -> Batch:
+        x = torch.randint(0, vocab, (n, length), generator=g)
+        seq = torch.cat((x, torch.full((n, 1), sep), x), dim=1)
+        inputs, targets = seq[:, :-1], seq[:, 1:].clone()
+        targets[:, :length] = -100  # the first half is random: nothing to learn there
+        return inputs, targets
+
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def batch(seed: int, step: int) -> Batch:
+        return sample(torch.Generator().manual_seed(seed * 1_000_003 + step), 64)
+
+    return Data(batch, sample(torch.Generator().manual_seed(12345), 2048), None, loss)
+
+
+def _regression() -> Data:
+    """A fixed random teacher network; noisy targets; 16 input features."""
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        for p in teacher.parameters():
+            nn.init.normal_(p, std=0.5)
+
+    @torch.no_grad()
+    def sample(g: torch.Generator, n: int) -> Batch:
+        x = torch.randn(n, 16, generator=g)
+        return x, teacher(x) + 0.05 * torch.randn(n, 1, generator=g)
+
+    def batch(seed: int, step: int) -> Batch:
+        return sample(torch.Generator().manual_seed(seed * 1_000_003 + step), 64)
+
+    return Data(batch, sample(torch.Generator().manual_seed(54321), 4096), None, nn.functional.mse_loss)
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+def _mlp(sizes: list[int], act: Callable[[], nn.Module], norm: bool = False) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers += [nn.LayerNorm(b)] if norm else []
+                layers.append(act())
+        return nn.Sequential(*layers)
+
+    return build
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+class _Transformer(nn.Module):
+    """A 2-layer causal transformer, d_model 32, on the copy task."""
+
+    def __init__(self, vocab: int = 17, width: int = 32, length: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.randn(length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 4, 64, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(width, vocab - 1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(n)
+        return self.out(self.body(self.embed(tokens) + self.position[:n], mask=mask, is_causal=True))
+
+
+class _LSTMLanguageModel(nn.Module):
+    def __init__(self, vocab: int = 17, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, width, batch_first=True)
+        self.out = nn.Linear(width, vocab - 1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(self.lstm(self.embed(tokens))[0])
+
+
+class _Autoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(),
+                                  nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 784))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+LOOPS = [
+    Loop("mlp-relu-2x", 1000, _mlp([784, 128, 64, 10], nn.ReLU), _mnist(True),
+         "MNIST MLP, ReLU 128-64 (110k parameters)"),
+    Loop("mlp-tanh-3x-layernorm", 1000, _mlp([784, 64, 64, 64, 10], nn.Tanh, norm=True), _mnist(True),
+         "MNIST MLP, tanh 64-64-64 with LayerNorm"),
+    Loop("mlp-gelu-wide", 1000, _mlp([784, 256, 10], nn.GELU), _mnist(True), "MNIST MLP, GELU 256"),
+    Loop("cnn-maxpool", 500, _cnn, _mnist(False), "MNIST CNN, 2 conv + max-pool"),
+    Loop("logistic-regression", 1000, _mlp([784, 10], nn.Identity), _mnist(True), "logistic regression on MNIST"),
+    Loop("autoencoder", 1000, _Autoencoder, _mnist(True, target="image"), "MNIST MLP autoencoder, MSE"),
+    Loop("transformer-copy", 500, _Transformer, _copy_task, "2-layer causal transformer, synthetic copy task"),
+    Loop("lstm-copy", 500, _LSTMLanguageModel, _copy_task, "LSTM language model, synthetic copy task"),
+    Loop("regression-mlp", 1000, _mlp([16, 64, 64, 1], nn.ReLU), _regression, "ReLU MLP regression, synthetic"),
+    Loop("mlp-sigmoid-20", 2000, _mlp([784, 20, 10], nn.Sigmoid), _mnist(True),
+         "the paper's MNIST MLP at 20x its horizon (its family was meta-trained on)"),
+]
+
+
+# -- running -----------------------------------------------------------------------------------------------------
+def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    kind, _, value = name.partition(":")
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=float(value))
+    if kind == "nag":
+        return torch.optim.SGD(params, lr=float(value), momentum=0.9, nesterov=True)
+    if kind == "net":
+        return learnedopt.LearnedOptimizer(params, net=value)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, data: Data, accuracy: bool = False) -> tuple[float, float | None]:
+    """Loss on the fixed evaluation set and, if asked and there is a test set, test accuracy."""
+    model.eval()
+    x, y = data.eval_set
+    loss = float(data.loss(model(x), y))
+    correct = None
+    if accuracy and data.test_set is not None:
+        tx, ty = data.test_set
+        correct = float((model(tx).argmax(-1) == ty).float().mean())
+    model.train()
+    return (loss if math.isfinite(loss) else math.inf), correct
+
+
+def run(loop: Loop, optimizer: str, seed: int) -> dict:
+    """One training run: eval-set losses at ``EVAL_POINTS + 1`` points, final test accuracy, time per step."""
+    data = loop.data()
+    torch.manual_seed(seed)
+    model = loop.model()
+    opt = _make_optimizer(optimizer, list(model.parameters()))
+    every = max(loop.steps // EVAL_POINTS, 1)
+    curve = [_evaluate(model, data)[0]]
+    elapsed = 0.0  # training time only, without the evaluations
+    for step in range(loop.steps):
+        x, y = data.batch(seed, step)
+        started = time.perf_counter()
+        opt.zero_grad()
+        data.loss(model(x), y).backward()
+        opt.step()
+        elapsed += time.perf_counter() - started
+        if (step + 1) % every == 0 or step + 1 == loop.steps:
+            curve.append(_evaluate(model, data)[0])
+            if not math.isfinite(curve[-1]):
+                break
+    final, accuracy = _evaluate(model, data, accuracy=True)
+    return {"curve": curve, "final": final, "accuracy": accuracy, "seconds_per_step": elapsed / loop.steps}
+
+
+class Cache:
+    """Runs keyed by loop, optimizer and seed, saved after every run (an interrupted benchmark loses nothing)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.runs: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, loop: Loop, optimizer: str, seed: int) -> dict:
+        key = f"{loop.name}|{loop.steps}|{optimizer}|{seed}"
+        if key not in self.runs:
+            self.runs[key] = run(loop, optimizer, seed)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.runs))
+        return self.runs[key]
+
+
+def tune(cache: Cache, loop: Loop, kind: str, grid: list[float]) -> float:
+    """The grid learning rate with the lowest final eval-set loss on the tuning seed."""
+    scores = {lr: cache.get(loop, f"{kind}:{lr:g}", TUNE_SEED)["final"] for lr in grid}
+    return min(scores, key=lambda lr: (scores[lr], lr))
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def benchmark(loops: list[Loop], nets: list[str], seeds: list[int], cache: Cache) -> list[dict]:
+    rows = []
+    for loop in loops:
+        adam_lr, nag_lr = tune(cache, loop, "adam", ADAM_GRID), tune(cache, loop, "nag", NAG_GRID)
+        optimizers = {f"Adam 1e-3": "adam:0.001", "Adam tuned": f"adam:{adam_lr:g}", "NAG tuned": f"nag:{nag_lr:g}"}
+        optimizers.update({net: f"net:{net}" for net in nets})
+        results = {label: [cache.get(loop, opt, s) for s in seeds] for label, opt in optimizers.items()}
+        rows.append({"loop": loop, "adam_lr": adam_lr, "nag_lr": nag_lr, "results": results})
+    return rows
+
+
+def _row_stats(runs: list[dict]) -> dict:
+    finals = [r["final"] for r in runs]
+    drift = [r["final"] / min(r["curve"]) if min(r["curve"]) > 0 else math.inf for r in runs]
+    accuracy = [r["accuracy"] for r in runs if r["accuracy"] is not None]
+    return {
+        "final": _median(finals),
+        "finite": all(math.isfinite(f) for f in finals),
+        "below_start": all(r["final"] < r["curve"][0] for r in runs),
+        "drift": max(drift),
+        "accuracy": _median(accuracy) if accuracy else None,
+        "ms": 1000 * _median([r["seconds_per_step"] for r in runs]),
+    }
+
+
+def report(rows: list[dict], nets: list[str], seeds: list[int], command: str) -> str:
+    lines = [
+        "# Drop-in benchmark: learned optimizers swapped into training loops they never saw",
+        "",
+        f"Command: `{command}`  ",
+        f"Hardware: {hardware()}  ",
+        f"Seeds: {seeds} (reported); learning rates tuned on seed {TUNE_SEED} over Adam {ADAM_GRID} and "
+        f"NAG {NAG_GRID}. Loss: final loss on a fixed evaluation set (10k training images for MNIST, 2048-4096 "
+        "held-out samples for synthetic data), median over seeds; accuracy: MNIST test set.",
+        "",
+    ]
+    for net in nets:
+        stats = [(_row_stats(r["results"][net]), r) for r in rows]
+        vs_adam = [s["final"] / _row_stats(r["results"]["Adam 1e-3"])["final"] for s, r in stats]
+        vs_tuned = [s["final"] / _row_stats(r["results"]["Adam tuned"])["final"] for s, r in stats]
+        vs_nag = [s["final"] / _row_stats(r["results"]["NAG tuned"])["final"] for s, r in stats]
+        unseen = [not r["loop"].name.startswith("mlp-sigmoid-20") for _, r in stats]
+        safe = [s["finite"] and s["below_start"] and s["drift"] <= 1.2 for s, _ in stats]
+        wins = sum(v <= 1.0 for v, u in zip(vs_adam, unseen) if u)
+        lines += [
+            f"## `{net}` (lr=1, untuned)",
+            "",
+            f"- unseen loops where it is at or below Adam(1e-3): **{wins} of {sum(unseen)}**",
+            f"- median over unseen loops of its loss / tuned Adam's: **{_median([v for v, u in zip(vs_tuned, unseen) if u]):.3f}**;"
+            f" / tuned NAG's: {_median([v for v, u in zip(vs_nag, unseen) if u]):.3f}",
+            f"- loops finite, below their initial loss and not drifting up (final <= 1.2x best seen): "
+            f"**{sum(safe)} of {len(safe)}**",
+            "",
+            "| loop | steps | loss | / Adam 1e-3 | / tuned Adam | / tuned NAG | final / best seen | test acc. | ms/step (Adam 1e-3) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (s, r), a, t, n in zip(stats, vs_adam, vs_tuned, vs_nag):
+            adam = _row_stats(r["results"]["Adam 1e-3"])
+            acc = "—" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
+            lines.append(
+                f"| {r['loop'].name} | {r['loop'].steps} | {s['final']:.4g} | {a:.3f} | {t:.3f} | {n:.3f} "
+                f"| {s['drift']:.2f} | {acc} | {s['ms']:.1f} ({adam['ms']:.1f}) |"
+            )
+        lines.append("")
+    lines += [
+        "## Baselines",
+        "",
+        "| loop | description | Adam 1e-3 | tuned Adam (lr) | tuned NAG (lr) | test acc. Adam 1e-3 / tuned Adam / tuned NAG |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = {k: _row_stats(r["results"][k]) for k in ("Adam 1e-3", "Adam tuned", "NAG tuned")}
+        acc = " / ".join("—" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%" for v in s.values())
+        lines.append(
+            f"| {r['loop'].name} | {r['loop'].description} | {s['Adam 1e-3']['final']:.4g} "
+            f"| {s['Adam tuned']['final']:.4g} ({r['adam_lr']:g}) | {s['NAG tuned']['final']:.4g} ({r['nag_lr']:g}) | {acc} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 5
+    fig, axes = plt.subplots(math.ceil(len(rows) / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(len(rows) / cols)))
+    for ax, r in zip(axes.flat, rows):
+        for label, runs in r["results"].items():
+            curves = [run["curve"] for run in runs]
+            n = min(len(c) for c in curves)
+            median = [statistics.median(c[i] for c in curves) for i in range(n)]
+            x = [i * r["loop"].steps / (len(curves[0]) - 1) for i in range(n)]
+            ax.plot(x, median, label=label, lw=2 if not label.startswith(("Adam", "NAG")) else 1.2)
+        ax.set_yscale("log")
+        ax.set_title(r["loop"].name, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("step")
+    fig.supylabel("eval-set loss (median over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nets", nargs="+", default=[learnedopt.DEFAULT_NET])
+    parser.add_argument("--seeds", type=int, default=3, help="reported seeds (0, 1, ...)")
+    parser.add_argument("--loops", nargs="+", default=None, help="a subset of loops, by name")
+    parser.add_argument("--steps", type=int, default=None, help="override every loop's steps (quick checks)")
+    parser.add_argument("--out", type=Path, default=Path("results/drop_in"))
+    parser.add_argument("--report", type=Path, default=Path("results/drop_in.md"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baselines-only", action="store_true", help="fill the baseline cache, write nothing")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    known = {loop.name: loop for loop in LOOPS}
+    unknown = sorted(set(args.loops or []) - set(known))
+    if unknown:
+        parser.error(f"unknown loops {unknown}; choose from {', '.join(known)}")
+    loops = [known[name] for name in args.loops] if args.loops else LOOPS
+    if args.steps:
+        loops = [Loop(loop.name, args.steps, loop.model, loop.data, loop.description) for loop in loops]
+    cache = Cache(args.out / "runs.json")
+    seeds = list(range(args.seeds))
+    rows = benchmark(loops, [] if args.baselines_only else args.nets, seeds, cache)
+    if args.baselines_only:
+        return
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(report(rows, args.nets, seeds, command))
+    plot(rows, args.report.with_suffix(".png"))
+    print(args.report.read_text())
+
+
+if __name__ == "__main__":
+    main()
