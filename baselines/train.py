@@ -18,7 +18,7 @@ from torch import nn
 
 from learnedopt import CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
 from learnedopt.data import load_omniglot
-from learnedopt.pretrained import atomic_save
+from learnedopt.pretrained import atomic_save, load_file
 
 from .episodes import Episode, EpisodeSampler, sample_sinusoids
 from .maml import adapt, maml_step, query_accuracy
@@ -115,12 +115,7 @@ def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_step
 
 
 def _load(path: Path, config: FewShotConfig | None) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable learnedopt few-shot checkpoint ({err})") from err
+    ckpt = load_file(path, "learnedopt few-shot checkpoint")
     if not isinstance(ckpt, dict) or "fewshot_config" not in ckpt:
         raise ValueError(f"{path} is not a learnedopt few-shot checkpoint")
     if config is not None:

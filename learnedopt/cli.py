@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     mt.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
     mt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    mt.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     mt.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="stop (with a checkpoint) once this much time is spent; --resume continues")
     mt.add_argument("--init-net", default=None, help="start from this net (packaged name, net.pt or run folder)")
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--device", default="cpu")
         tr.add_argument("--data-dir", default=None)
         tr.add_argument("--resume", action="store_true")
+        tr.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
         tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
         tr.add_argument("--no-progress", action="store_true")
         if algorithm == "maml":
@@ -154,10 +156,39 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # 10-d quadratics are tiny: extra threads only add synchronization
     command = "learnedopt " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
+        _check_arguments(args)
         return _dispatch(args, command)
-    except (ValueError, FileNotFoundError) as err:  # includes DataNotFoundError
+    except (ValueError, OSError) as err:  # includes DataNotFoundError and unwritable folders
         print(f"learnedopt: error: {err}", file=sys.stderr)
         return 2
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, with one line each, a device this machine lacks and an --out that would lose or cannot hold a run."""
+    device = getattr(args, "device", None)
+    if device is not None:
+        import torch
+
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+    out = getattr(args, "out", None)
+    if out is None or getattr(args, "action", "train") != "train" or args.command in ("benchmark", "demo"):
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the run")
+    if (out / "checkpoint.pt").is_file() and not args.resume and not args.overwrite:
+        raise ValueError(f"{out} already holds a run: pass --resume, or another --out (--overwrite replaces it)")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".write-test"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to --out {out} ({err.strerror})") from None
 
 
 def _dispatch(args: argparse.Namespace, command: str) -> int:

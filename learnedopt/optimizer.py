@@ -8,15 +8,18 @@ in place. The math is the rule's, shared with the unroll engine.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
+import warnings
+from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .lstm import CoordinatewiseLSTM, LSTMRule
+from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
 from .rules import RuleState, UpdateRule
 
 __all__ = ["RuleOptimizer", "LearnedOptimizer"]
@@ -29,6 +32,19 @@ def _validate_lr(lr: Any) -> None:
         lr = lr.item()
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid learning rate: {lr!r} (expected a finite number >= 0)")
+
+
+def net_identity(net: CoordinatewiseLSTM) -> dict[str, Any]:
+    """The architecture and a SHA-256 digest of the weights of ``net``: what a saved hidden state belongs to."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {"config": asdict(net.config), "digest": digest.hexdigest()}
+
+
+def _same(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 class RuleOptimizer(Optimizer):
@@ -203,6 +219,30 @@ class LearnedOptimizer(RuleOptimizer):
         super().__init__(params, rule, lr)
 
     _extra_state = ("rule", "net", "_rules")
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict plus the identity of the net that made the hidden state (``"net"``)."""
+        return {**super().state_dict(), "net": net_identity(self.net)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse hidden state from a net of another shape; warn when it comes from other weights of this shape."""
+        saved = state_dict.get("net")
+        if saved is not None:
+            ours = net_identity(self.net)
+            shape = ("hidden_size", "num_layers", "inputs", "output", "momentum_decays")
+            saved_config = {**LSTMConfig().__dict__, **saved["config"]}
+            if any(_same(saved_config[k]) != _same(ours["config"][k]) for k in shape):
+                raise ValueError(
+                    f"this optimizer state was made by a net of another architecture ({saved['config']}); this "
+                    f"optimizer's net is {ours['config']}: build the optimizer with the net that made the state"
+                )
+            if saved["digest"] != ours["digest"]:
+                warnings.warn(
+                    "this optimizer state was made by a different net of the same shape (weights digest "
+                    f"{saved['digest'][:12]} vs {ours['digest'][:12]}); the hidden state will mean something else",
+                    stacklevel=2,
+                )
+        super().load_state_dict(state_dict)
 
     def _rule_for(self, device: torch.device) -> LSTMRule:
         """The rule whose net lives on ``device``: the net is copied once per device it is needed on."""

@@ -7,6 +7,7 @@ A net file is a plain dict of tensors and numbers, read with ``torch.load(..., w
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from .lstm import CoordinatewiseLSTM, LSTMConfig
 
-__all__ = ["DEFAULT_NET", "list_pretrained", "load_net", "save_net", "net_info"]
+__all__ = ["DEFAULT_NET", "list_pretrained", "load_net", "save_net", "net_info", "atomic_save", "load_file"]
 
 PRETRAINED_DIR = Path(__file__).with_name("pretrained")
 DEFAULT_NET = "mnist-lstm"
@@ -44,10 +45,7 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path} is not a readable learnedopt net file ({type(err).__name__}: {err})") from err
+    blob = load_file(path, "learnedopt net file")
     if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a learnedopt net file (no '{_FORMAT}' header); was it written by save_net?")
     return blob
@@ -100,8 +98,62 @@ def save_net(net: CoordinatewiseLSTM, path: str | os.PathLike[str], **meta: Any)
     return path
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
+_DIGEST_KEY = "sha256"
+
+
+def payload_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every other value's repr."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                visit(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                visit(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """``torch.save`` with a digest of the contents, to a temporary file, then rename: a crash never leaves a
+    half-written file, and :func:`load_file` detects flipped bytes."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    torch.save({**obj, _DIGEST_KEY: payload_digest(obj)}, tmp)
     os.replace(tmp, path)
+
+
+def load_file(path: str | os.PathLike[str], kind: str) -> Any:
+    """Read a file written by :func:`atomic_save` (or :func:`torch.save` of tensors and plain data) safely.
+
+    Never unpickles code (``weights_only=True``), verifies the stored digest where there is one, and raises one
+    ``ValueError`` line that names the file and ``kind`` (e.g. "meta-training checkpoint") instead of torch's text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated, corrupt or code-carrying files
+        raise ValueError(
+            f"{path} is not a readable {kind}: it is truncated, corrupt, or holds more than tensors and plain data "
+            f"({type(err).__name__})"
+        ) from None
+    if isinstance(blob, dict) and _DIGEST_KEY in blob:
+        stored = blob.pop(_DIGEST_KEY)
+        if stored != payload_digest(blob):
+            raise ValueError(f"{path} is corrupt: its contents do not match the digest stored in it")
+    return blob

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from learnedopt import (
     load_net,
     save_net,
 )
-from learnedopt.pretrained import atomic_save
+from learnedopt.pretrained import atomic_save, load_file
 
 from .distributed import all_reduce_mean, any_rank, broadcast_from_lead, rank_and_world, shard
 from .evaluate import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
@@ -175,10 +176,9 @@ class MetaTrainer:
         )
 
     def _load(self, path: Path) -> None:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot resume: {path} is unreadable ({err}); delete it to start afresh") from err
+        ckpt = load_file(path, "meta-training checkpoint")
+        if not isinstance(ckpt, dict) or not {"config", "net", "meta_opt"} <= set(ckpt):
+            raise ValueError(f"cannot resume: {path} is not a meta-training checkpoint (a few-shot run's?)")
         saved = ckpt["config"]
         def value(key: str) -> Any:
             v = saved.get(key, _SAVED_DEFAULTS.get(key))
@@ -191,6 +191,11 @@ class MetaTrainer:
         self.net.load_state_dict(ckpt["net"])
         self.net.to(self.config.device)
         self.meta_opt.load_state_dict(ckpt["meta_opt"])
+        saved_lr = saved.get("meta_lr", self.config.meta_lr)
+        if saved_lr != self.config.meta_lr:  # a deliberate change of the rate is applied, and said
+            for group in self.meta_opt.param_groups:
+                group["lr"] = self.config.meta_lr
+            warnings.warn(f"resuming {path} with meta-lr {self.config.meta_lr:g} (the run so far used {saved_lr:g})")
         self.generator.set_state(ckpt["generator"])
         self.iteration = ckpt["iteration"]
         self.best_score = ckpt["best_score"]

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,85 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown baselines" in capsys.readouterr().err
     assert main(["meta-train", "--task", "nope", "--out", str(tmp_path)]) == 2
     assert "choose one of" in capsys.readouterr().err
+
+
+TINY = ["--iterations", "1", "--horizon", "10", "--unroll", "10", "--meta-batch", "4", "--eval-every", "1",
+        "--eval-tasks", "4", "--no-progress"]
+
+
+def _one_line_error(capsys, args, match):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_finished_run_is_never_silently_replaced(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["meta-train", "--out", str(run), *TINY]) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    _one_line_error(capsys, ["meta-train", "--out", str(run), *TINY], "already holds a run: pass --resume")
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert main(["meta-train", "--out", str(run), *TINY, "--overwrite", "--seed", "1"]) == 0
+    assert (run / "checkpoint.pt").read_bytes() != before
+
+
+def test_resume_applies_a_new_meta_lr_and_says_so(tmp_path):
+    import pytest
+
+    run = tmp_path / "run"
+    assert main(["meta-train", "--out", str(run), *TINY]) == 0
+    more = [a if a != "1" or i != 1 else "2" for i, a in enumerate(TINY)]  # --iterations 2
+    with pytest.warns(UserWarning, match="meta-lr 0.0001"):
+        assert main(["meta-train", "--out", str(run), *more, "--resume", "--meta-lr", "1e-4"]) == 0
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["meta_opt"]["param_groups"][0]["lr"] == 1e-4
+
+
+def test_bad_devices_and_outputs_are_one_line_errors(tmp_path, capsys):
+    import torch
+
+    _one_line_error(capsys, ["meta-train", "--out", str(tmp_path / "a"), "--device", "cpuu"], "is not a device")
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, ["meta-train", "--out", str(tmp_path / "a"), "--device", "cuda"], "no CUDA device")
+        _one_line_error(capsys, ["benchmark", "--device", "cuda", "--out", str(tmp_path)], "no CUDA device")
+        _one_line_error(capsys, ["maml", "train", "--out", str(tmp_path / "m"), "--device", "cuda"], "no CUDA device")
+    file = tmp_path / "file"
+    file.write_text("x")
+    _one_line_error(capsys, ["meta-train", "--out", str(file), *TINY], "is a file")
+    _one_line_error(capsys, ["protonet", "train", "--out", str(file)], "is a file")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # as root, permissions do not bind: nothing to test
+            _one_line_error(capsys, ["meta-train", "--out", str(locked / "run"), *TINY], "cannot write")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_corrupt_hostile_and_foreign_checkpoints_are_one_line_errors(tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    assert main(["meta-train", "--out", str(run), *TINY]) == 0
+    blob = bytearray((run / "checkpoint.pt").read_bytes())
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    weight = ckpt["net"]["cells.0.weight_ih"].numpy().tobytes()
+    at = bytes(blob).find(weight[:64])
+    assert at > 0
+    blob[at + 8] ^= 0xFF  # flip bits inside a tensor's payload
+    (run / "checkpoint.pt").write_bytes(bytes(blob))
+    _one_line_error(capsys, ["meta-train", "--out", str(run), *TINY, "--resume"], "is corrupt")
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    torch.save({"config": {}, "x": torch.nn.Linear(2, 2)}, hostile / "checkpoint.pt")  # pickled code
+    err = _one_line_error(capsys, ["meta-train", "--out", str(hostile), *TINY, "--resume"], str(hostile))
+    assert "weights_only" not in err
+
+    fewshot = tmp_path / "fewshot"
+    fewshot.mkdir()
+    torch.save({"fewshot_config": {}, "model": {}}, fewshot / "checkpoint.pt")
+    _one_line_error(capsys, ["meta-train", "--out", str(fewshot), *TINY, "--resume"], "not a meta-training checkpoint")

@@ -1,13 +1,14 @@
 """LearnedOptimizer behaves as a torch.optim.Optimizer and shares its math with the unroll engine."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import learnedopt
-from learnedopt import LearnedOptimizer
+from learnedopt import CoordinatewiseLSTM, LearnedOptimizer
 
 
 def mlp(dtype=torch.float32):
@@ -332,3 +333,22 @@ def test_load_state_dict_keeps_what_a_pre_hook_put_in():
     p = fresh.param_groups[0]["params"][0]
     assert torch.count_nonzero(fresh.state[p]["h"]) == 0
     assert torch.count_nonzero(saved["state"][0]["h"]) > 0
+
+
+def test_state_dict_names_its_net_and_refuses_a_mismatched_one():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = learnedopt.LearnedOptimizer([w], net="mnist-lstm")
+    w.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    assert saved["net"]["config"]["hidden_size"] == 20 and len(saved["net"]["digest"]) == 64
+    other_shape = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))], net=CoordinatewiseLSTM(hidden_size=8))
+    with pytest.raises(ValueError, match="another architecture"):
+        other_shape.load_state_dict(saved)
+    same_shape = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))], net="quadratic-lstm")
+    with pytest.warns(UserWarning, match="different net of the same shape"):
+        same_shape.load_state_dict(saved)
+    twin = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))], net="mnist-lstm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin.load_state_dict(saved)
