@@ -25,7 +25,7 @@ from .maml import adapt, maml_step, query_accuracy
 from .models import conv4, sinusoid_mlp
 from .protonet import episode_accuracy, episode_loss
 
-__all__ = ["FewShotConfig", "train", "evaluate"]
+__all__ = ["FewShotConfig", "train", "evaluate", "load_checkpoint"]
 
 PAPER_NET = "mnist-lstm"
 _MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided", "inner_rule")
@@ -202,13 +202,18 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
     return model
 
 
-def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps: int, queries: int = 15,
-             device: str = "cpu", data_dir: str | None = None, seed: int = 0) -> tuple[str, float, float]:
-    """The metric's name ("accuracy" or "mse"), its mean over ``episodes`` test episodes, and the 95% CI half-width."""
-    ckpt = _load(checkpoint, None)
-    config = replace(FewShotConfig(**ckpt["fewshot_config"]), device=device, data_dir=data_dir, shots=shots)
-    if config.algorithm == "maml" and config.dataset == "omniglot" and ways != config.ways:
-        raise ValueError(f"{checkpoint} is a {config.ways}-way MAML classifier; it cannot run {ways}-way episodes")
+def load_checkpoint(
+    path: str | Path, device: str = "cpu"
+) -> tuple[nn.Module, FewShotConfig, CoordinatewiseLSTM | None]:
+    """The trained model, its run's configuration and (``inner_rule="lstm"``) the learned inner-loop net.
+
+    Example (any ``checkpoint.pt`` written by ``learnedopt maml|protonet train``)::
+
+        model, config, inner_net = load_checkpoint("results/checkpoints/maml-omniglot-5w1s.pt")
+    """
+    path = Path(path)
+    ckpt = _load(path, None)
+    config = replace(FewShotConfig(**ckpt["fewshot_config"]), device=device)
     model = build_model(config).to(device)
     inner_net = _inner_net(config)
     try:
@@ -216,7 +221,23 @@ def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps
         if inner_net is not None:
             inner_net.load_state_dict(ckpt["inner_net"])
     except RuntimeError as err:
-        raise ValueError(f"{checkpoint}: the weights do not fit the saved architecture: {err}") from err
+        raise ValueError(f"{path}: the weights do not fit the saved architecture ({type(err).__name__})") from None
+    return model, config, inner_net
+
+
+def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps: int | None = None,
+             queries: int = 15, device: str = "cpu", data_dir: str | None = None, seed: int = 0
+             ) -> tuple[str, float, float]:
+    """The metric's name ("accuracy" or "mse"), its mean over ``episodes`` test episodes, and the 95% CI half-width.
+
+    ``inner_steps=None`` adapts with the checkpoint's own number of steps (those its validation used).
+    """
+    model, config, inner_net = load_checkpoint(checkpoint, device)
+    config = replace(config, data_dir=data_dir, shots=shots)
+    if inner_steps is None:
+        inner_steps = config.inner_steps
+    if config.algorithm == "maml" and config.dataset == "omniglot" and ways != config.ways:
+        raise ValueError(f"{checkpoint} is a {config.ways}-way MAML classifier; it cannot run {ways}-way episodes")
     rule = LSTMRule(inner_net) if inner_net is not None else None
     tasks = _Tasks(config, "test", ways, shots, queries)
     g = torch.Generator().manual_seed(seed)

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("--ways", type=_positive, default=5)
         ev.add_argument("--shots", type=_positive, default=1)
         ev.add_argument("--episodes", type=_positive, default=1000)
-        ev.add_argument("--inner-steps", type=int, default=3, help="MAML adaptation steps at test time")
+        ev.add_argument("--inner-steps", type=int, default=None,
+                        help="MAML adaptation steps at test time (default: the checkpoint's own)")
         ev.add_argument("--device", default="cpu")
         ev.add_argument("--data-dir", default=None)
     return parser

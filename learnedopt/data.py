@@ -139,22 +139,28 @@ def load_omniglot(data_dir: str | os.PathLike[str] | None = None, size: int = 28
         p for part in ("images_background", "images_evaluation") for p in (base / part).glob("*/*") if p.is_dir()
     )
     names = [f"{p.parent.name}/{p.name}" for p in folders]
+    pngs = [sorted(folder.glob("*.png"))[:20] for folder in folders]
+    short = [f"{folder} ({len(files)})" for folder, files in zip(folders, pngs) if len(files) < 20]
+    if short:
+        raise DataNotFoundError(f"Omniglot characters need 20 drawings each; these folders have fewer: {short[:3]}")
+    # the cache is valid for these files only: the data root, every name and every file's size
+    signature = [str(base.resolve()), sum(png.stat().st_size for files in pngs for png in files)]
     cache = CACHE_ROOT / f"omniglot-{size}.pt"
     if cache.is_file():
         cached = torch.load(cache, weights_only=True)
-        if cached["names"] == names:
+        if cached["names"] == names and cached.get("signature") == signature:
             return Omniglot(cached["images"].float() / 255.0, names, root)
     from PIL import Image
 
-    images = torch.empty(len(folders), 20, size, size, dtype=torch.uint8)
-    for i, folder in enumerate(folders):
-        for j, png in enumerate(sorted(folder.glob("*.png"))[:20]):
+    images = torch.zeros(len(folders), 20, size, size, dtype=torch.uint8)
+    for i, files in enumerate(pngs):
+        for j, png in enumerate(files):
             with Image.open(png) as img:
                 small = img.convert("L").resize((size, size), Image.Resampling.LANCZOS)
             # the PNGs draw ink in black on white; store ink as 1
             images[i, j] = 255 - torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(size, size)
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    torch.save({"names": names, "images": images}, tmp)
+    torch.save({"names": names, "signature": signature, "images": images}, tmp)
     os.replace(tmp, cache)
     return Omniglot(images.float() / 255.0, names, root)

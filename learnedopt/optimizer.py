@@ -61,14 +61,19 @@ class RuleOptimizer(Optimizer):
         tensor([0.5000, 0.5000])
     """
 
+    _fixed_settings: dict[str, Any] = {}  # optimizer-wide settings shown in defaults; groups may not change them
+
     def __init__(self, params: Iterable[Any], rule: UpdateRule, lr: float = 1.0) -> None:
         _validate_lr(lr)
         self.rule = rule
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, {"lr": lr, **self._fixed_settings})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "lr" in param_group:
             _validate_lr(param_group["lr"])
+        for key, value in self._fixed_settings.items():
+            if key in param_group and param_group[key] != value:
+                raise ValueError(f"{key} is set for the whole optimizer ({value!r}), not per param group")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names")
@@ -155,7 +160,7 @@ class RuleOptimizer(Optimizer):
         """``torch.optim`` pickles only defaults, state and groups; the rule is part of this optimizer too."""
         return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if k in self._extra_state}}
 
-    _extra_state: tuple[str, ...] = ("rule",)
+    _extra_state: tuple[str, ...] = ("rule", "_fixed_settings")
 
 
 class LearnedOptimizer(RuleOptimizer):
@@ -205,20 +210,25 @@ class LearnedOptimizer(RuleOptimizer):
 
         if net is None:
             net = DEFAULT_NET
+        net_name = "custom"
         if not isinstance(net, CoordinatewiseLSTM):
             if not isinstance(net, (str, os.PathLike)):
                 raise TypeError(
                     f"net must be a packaged name, a path or a CoordinatewiseLSTM, got {type(net).__name__}"
                 )
+            net_name = os.fspath(net)
             net = load_net(net)
         if state_dtype is not None and not state_dtype.is_floating_point:
             raise TypeError(f"state_dtype must be a floating-point dtype, got {state_dtype}")
         self.net = net
+        self._fixed_settings = {
+            "net": net_name, "state_dtype": state_dtype, "chunk_size": chunk_size, "compile": compile,
+        }
         rule = LSTMRule(net, state_dtype, chunk_size, compile)
         self._rules: dict[torch.device, LSTMRule] = {net.head.weight.device: rule}
         super().__init__(params, rule, lr)
 
-    _extra_state = ("rule", "net", "_rules")
+    _extra_state = ("rule", "net", "_rules", "_fixed_settings")
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict plus the identity of the net that made the hidden state (``"net"``)."""

@@ -242,3 +242,49 @@ def test_maml_with_the_learned_lstm_inner_rule_meta_trains_both(tmp_path, capsys
     assert main(["maml", "train", "--dataset", "sinusoid", "--shots", "5", "--out", str(out), "--resume",
                  "--no-progress"]) == 2  # resuming as plain MAML is refused
     assert "inner_rule: checkpoint 'lstm', asked 'sgd'" in capsys.readouterr().err
+
+
+def _fake_omniglot(root, drawings):
+    from PIL import Image
+
+    for part in ("images_background", "images_evaluation"):
+        folder = root / "omniglot-py" / part / "Alphabet" / "character01"
+        folder.mkdir(parents=True)
+        for i in range(drawings):
+            Image.new("L", (105, 105), color=255 - i).save(folder / f"{i:02d}.png")
+
+
+def test_omniglot_refuses_characters_with_too_few_drawings(tmp_path, monkeypatch):
+    import learnedopt.data as data
+
+    monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "cache")
+    _fake_omniglot(tmp_path / "short", 19)
+    with pytest.raises(data.DataNotFoundError, match="need 20 drawings"):
+        data.load_omniglot(tmp_path / "short")
+
+
+def test_omniglot_cache_is_keyed_by_root_and_contents(tmp_path, monkeypatch):
+    import learnedopt.data as data
+
+    monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "cache")
+    _fake_omniglot(tmp_path / "a", 20)
+    _fake_omniglot(tmp_path / "b", 20)
+    first = data.load_omniglot(tmp_path / "a").images.clone()
+    from PIL import Image
+
+    png = tmp_path / "b" / "omniglot-py" / "images_background" / "Alphabet" / "character01" / "00.png"
+    Image.new("L", (105, 105), color=0).save(png)  # same names, other contents, other root
+    second = data.load_omniglot(tmp_path / "b").images
+    assert not torch.equal(first, second)
+
+
+def test_public_checkpoint_loader_and_eval_defaults_to_its_own_inner_steps():
+    from baselines import evaluate, load_checkpoint
+
+    path = Path(__file__).resolve().parents[1] / "results" / "checkpoints" / "maml-sinusoid-5shot.pt"
+    model, config, inner_net = load_checkpoint(path)
+    assert config.algorithm == "maml" and isinstance(model, torch.nn.Module) and inner_net is None
+    own = evaluate(path, 1, 5, 20, inner_steps=None)
+    explicit = evaluate(path, 1, 5, 20, inner_steps=config.inner_steps)
+    other = evaluate(path, 1, 5, 20, inner_steps=config.inner_steps + 4)
+    assert own == explicit and own != other

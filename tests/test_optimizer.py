@@ -352,3 +352,15 @@ def test_state_dict_names_its_net_and_refuses_a_mismatched_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         twin.load_state_dict(saved)
+
+
+def test_repr_and_defaults_show_every_setting():
+    opt = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(2))], net="mnist-lstm", chunk_size=128)
+    assert opt.defaults["net"] == "mnist-lstm" and opt.defaults["chunk_size"] == 128
+    assert opt.defaults["state_dtype"] is None and opt.defaults["compile"] is False
+    text = repr(opt)
+    assert "mnist-lstm" in text and "chunk_size: 128" in text
+    with pytest.raises(ValueError, match="for the whole optimizer"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "chunk_size": 7})
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.5})
+    assert opt.param_groups[1]["chunk_size"] == 128
