@@ -289,8 +289,12 @@ class LSTMRule:
         config = self.net.config
         flat = [g.reshape(-1) for g in grads]
         masks = [torch.isfinite(g) for g in flat]
-        # one host sync for the whole group, not one per tensor (each would stall a GPU's queue)
-        clean = torch.stack([m.all() for m in masks]).tolist() if masks else []
+        # one host sync for the whole group, not one per tensor (each would stall a GPU's queue); under
+        # torch.compile no sync at all: every tensor takes the masked path, which gives the same result
+        if torch.compiler.is_compiling():
+            clean = [False] * len(masks)
+        else:
+            clean = torch.stack([m.all() for m in masks]).tolist() if masks else []
         finite = [None if ok else m for ok, m in zip(clean, masks)]
         flat = [(g if ok else torch.where(m, g, 0.0)).to(self.compute_dtype) for g, ok, m in zip(flat, clean, masks)]
         features, nominals, seens, moments = [], [], [], []

@@ -169,13 +169,14 @@ def _mnist_family(variants: tuple[str, ...], name: str) -> Callable[..., TaskFam
 
 
 # The broad training distribution of the general default net: MLPs of several widths, depths and activations,
-# a conv net and quadratics. The drop-in benchmark (benchmarks/drop_in.py) uses none of these models.
+# and a conv net. The drop-in benchmark (benchmarks/drop_in.py) uses none of these models. The 10-d quadratics
+# are left out: tuned Adam takes steps of 0.3-1 there, beyond the default net's bounded step (<= 0.1), and their
+# log-ratio to Adam swamped the selection score (54,637x at 300 steps in the first run: results/generalization.md).
 GENERAL_MNIST = ("mnist-mlp", "mnist-mlp-relu", "mnist-mlp-tanh", "mnist-mlp-2layer", "mnist-conv")
 
 
 def _general(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
-    members: list[TaskFamily] = [MNISTFamily(v, data_dir, device=device) for v in GENERAL_MNIST]
-    return Mixture([*members, QuadraticFamily(device=device)], name="general")
+    return Mixture([MNISTFamily(v, data_dir, device=device) for v in GENERAL_MNIST], name="general")
 
 
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {
