@@ -120,11 +120,20 @@ def adapt_batched(
 
 
 def query_accuracy(
-    model: nn.Module, episode: Episode, steps: int, inner_lr: float, rule: UpdateRule | None = None
+    model: nn.Module, episode: Episode, steps: int, inner_lr: float, rule: UpdateRule | None = None,
+    query_batch: int | None = None,
 ) -> float:
-    """Adapt on the support set without building a meta-graph, then classify the query set."""
+    """Adapt on the support set without building a meta-graph, then classify the query set.
+
+    ``query_batch`` sets how many query images go through the network at once, which matters with BatchNorm on
+    batch statistics: ``None`` classifies all of them together; Finn et al.'s code classifies N·K at a time.
+    """
     params = {k: v.detach() for k, v in model.named_parameters()}
     with torch.no_grad():
         adapted = adapt(model, params, episode, steps, inner_lr, first_order=True, rule=rule).params
-        logits = torch.func.functional_call(model, adapted, (episode.query_x,))
+        size = query_batch or len(episode.query_x)
+        logits = torch.cat([
+            torch.func.functional_call(model, adapted, (episode.query_x[i : i + size],))
+            for i in range(0, len(episode.query_x), size)
+        ])
     return float((logits.argmax(-1) == episode.query_y).float().mean())

@@ -102,7 +102,7 @@ def _inner_net(config: FewShotConfig) -> CoordinatewiseLSTM | None:
 
 
 def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int,
-           rule: UpdateRule | None) -> float:
+           rule: UpdateRule | None, query_batch: int | None = None) -> float:
     """Query accuracy (classification) or query MSE after adaptation (sinusoid)."""
     if config.algorithm == "protonet":
         return episode_accuracy(model, episode)
@@ -111,7 +111,7 @@ def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_step
         with torch.no_grad():
             out = adapt(model, params, episode, inner_steps, config.inner_lr, nn.functional.mse_loss, True, rule)
             return out.meta_loss.item()
-    return query_accuracy(model, episode, inner_steps, config.inner_lr, rule)
+    return query_accuracy(model, episode, inner_steps, config.inner_lr, rule, query_batch)
 
 
 def _load(path: Path, config: FewShotConfig | None) -> dict:
@@ -226,11 +226,12 @@ def load_checkpoint(
 
 
 def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps: int | None = None,
-             queries: int = 15, device: str = "cpu", data_dir: str | None = None, seed: int = 0
-             ) -> tuple[str, float, float]:
+             queries: int = 15, device: str = "cpu", data_dir: str | None = None, seed: int = 0,
+             query_batch: int | None = None) -> tuple[str, float, float]:
     """The metric's name ("accuracy" or "mse"), its mean over ``episodes`` test episodes, and the 95% CI half-width.
 
-    ``inner_steps=None`` adapts with the checkpoint's own number of steps (those its validation used).
+    ``inner_steps=None`` adapts with the checkpoint's own number of steps (those its validation used);
+    ``query_batch`` is the number of query images classified at once (see :func:`baselines.maml.query_accuracy`).
     """
     model, config, inner_net = load_checkpoint(checkpoint, device)
     config = replace(config, data_dir=data_dir, shots=shots)
@@ -241,6 +242,6 @@ def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps
     rule = LSTMRule(inner_net) if inner_net is not None else None
     tasks = _Tasks(config, "test", ways, shots, queries)
     g = torch.Generator().manual_seed(seed)
-    scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps, rule) for _ in range(episodes)])
+    scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps, rule, query_batch) for _ in range(episodes)])
     metric = "mse" if config.dataset == "sinusoid" else "accuracy"
     return metric, float(scores.mean()), float(1.96 * scores.std() / math.sqrt(episodes))

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("--episodes", type=_positive, default=1000)
         ev.add_argument("--inner-steps", type=int, default=None,
                         help="MAML adaptation steps at test time (default: the checkpoint's own)")
+        ev.add_argument("--query-batch", type=_positive, default=None, metavar="N",
+                        help="query images classified at once (BatchNorm statistics; default: all N*15 together; "
+                             "Finn et al.'s code used N*K)")
         ev.add_argument("--device", default="cpu")
         ev.add_argument("--data-dir", default=None)
     return parser
@@ -278,7 +281,8 @@ def _fewshot(args: argparse.Namespace) -> int:
 
     if args.action == "eval":
         metric, mean, half_width = evaluate(args.checkpoint, args.ways, args.shots, args.episodes, args.inner_steps,
-                                            device=args.device, data_dir=args.data_dir)
+                                            device=args.device, data_dir=args.data_dir,
+                                            query_batch=getattr(args, "query_batch", None))
         task = f"{args.shots}-shot sinusoid" if metric == "mse" else f"{args.ways}-way {args.shots}-shot"
         print(f"{args.command} {task}: query {metric} {mean:.4f} ± {half_width:.4f} (95% CI, "
               f"{args.episodes} test episodes)")

@@ -288,3 +288,16 @@ def test_public_checkpoint_loader_and_eval_defaults_to_its_own_inner_steps():
     explicit = evaluate(path, 1, 5, 20, inner_steps=config.inner_steps)
     other = evaluate(path, 1, 5, 20, inner_steps=config.inner_steps + 4)
     assert own == explicit and own != other
+
+
+def test_query_batch_sets_the_batchnorm_batch_of_the_query_set():
+    torch.manual_seed(0)
+    model = conv4(5, channels=8)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat_interleave(3)
+    episode = Episode(torch.rand(5, 1, 28, 28, generator=g), torch.arange(5),
+                      torch.rand(15, 1, 28, 28, generator=g), labels)
+    together = query_accuracy(model, episode, 1, 0.4)
+    assert query_accuracy(model, episode, 1, 0.4, query_batch=15) == together
+    per_image = [query_accuracy(model, episode, 1, 0.4, query_batch=k) for k in (1, 5)]
+    assert len({together, *per_image}) > 1  # BatchNorm on batch statistics: the batch changes the predictions
