@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import learnedopt
-from learnedopt import CoordinatewiseLSTM, LSTMRule, unroll
+from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient, unroll
 from meta_train.tasks import QuadraticFamily
 
 
@@ -72,15 +72,15 @@ def test_detached_meta_gradient_matches_finite_differences_of_its_surrogate():
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(task.loss({"theta": theta}).sum(), theta)
             recorded.append(g)
-            u, state = net(g.reshape(-1), state)
-            theta = (theta + u.view_as(theta)).requires_grad_()
+            raw, state = net(preprocess_gradient(g.reshape(-1)), state)
+            theta = (theta + raw[:, 0].view_as(theta) * net.config.output_scale).requires_grad_()
 
     def surrogate():
         with torch.no_grad():
             th, st, total = theta0["theta"].clone(), net.initial_state(theta.numel()), 0.0
             for g in recorded:
-                u, st = net(g.reshape(-1), st)
-                th = th + u.view_as(th)
+                raw, st = net(preprocess_gradient(g.reshape(-1)), st)
+                th = th + raw[:, 0].view_as(th) * net.config.output_scale
                 total += task.loss({"theta": th}).mean().item()
             return total
 
