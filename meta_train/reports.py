@@ -106,7 +106,10 @@ def _log_tensorboard(curves: Curves, logdir: Path) -> None:
 def demo(out: Path, iterations: int, seed: int, progress: bool, command: str) -> str:
     """Meta-train a quadratic optimizer briefly, then compare it with tuned Adam and SGD on held-out tasks."""
     started = time.perf_counter()
-    config = MetaTrainConfig(task="quadratic", iterations=iterations, objective="sum", seed=seed, eval_every=20)
+    config = MetaTrainConfig(  # the paper's net and meta-loss, as in its quadratic experiment
+        task="quadratic", iterations=iterations, objective="sum", seed=seed, eval_every=20, inputs="paper",
+        output="linear",
+    )
     MetaTrainer(config, out / "run", progress=progress).train()
     trained = time.perf_counter() - started
     family = get_family("quadratic")
