@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -256,18 +257,28 @@ def run(loop: Loop, optimizer: str, seed: int) -> dict:
 
 
 class Cache:
-    """Runs keyed by loop, optimizer and seed, saved after every run (an interrupted benchmark loses nothing)."""
+    """Runs keyed by loop, optimizer and seed, saved after every run (an interrupted benchmark loses nothing).
+
+    Several processes may share one cache (e.g. ``--loops`` split across cores): each write merges the file's
+    current runs with this process's and replaces the file atomically.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.runs: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+        self.runs: dict[str, dict] = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, loop: Loop, optimizer: str, seed: int) -> dict:
         key = f"{loop.name}|{loop.steps}|{optimizer}|{seed}"
         if key not in self.runs:
-            self.runs[key] = run(loop, optimizer, seed)
+            result = run(loop, optimizer, seed)
+            self.runs = {**self._read(), **self.runs, key: result}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.runs))
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.runs))
+            os.replace(tmp, self.path)
         return self.runs[key]
 
 
@@ -400,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, default=Path("results/drop_in.md"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--baselines-only", action="store_true", help="fill the baseline cache, write nothing")
+    parser.add_argument("--no-report", action="store_true",
+                        help="fill the cache only (e.g. one process per subset of --loops), write no report")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     known = {loop.name: loop for loop in LOOPS}
@@ -412,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = Cache(args.out / "runs.json")
     seeds = list(range(args.seeds))
     rows = benchmark(loops, [] if args.baselines_only else args.nets, seeds, cache)
-    if args.baselines_only:
+    if args.baselines_only or args.no_report:
         return
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     args.report.parent.mkdir(parents=True, exist_ok=True)

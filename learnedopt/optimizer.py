@@ -178,9 +178,16 @@ class LearnedOptimizer(RuleOptimizer):
         compile: run the net through :func:`torch.compile` (fused gate math; results equal within float
             rounding). The first steps pay the compilation, ~10-30 s on a CPU.
 
-    Per-parameter hidden state lives in ``self.state[p]`` (``"h"``, ``"c"``, ``"nonfinite"``), so
-    ``state_dict()`` / ``load_state_dict()`` round-trip exactly. A NaN or infinite gradient coordinate gets a
-    zero update and keeps its hidden state; ``state[p]["nonfinite"]`` counts such coordinate-steps.
+    The default net (``general-lstm``, ``output="adam"`` in its :class:`~learnedopt.LSTMConfig`) is safe by
+    construction, whatever its weights: each coordinate moves by at most ``lr * output_scale *
+    (magnitude_range + 1)`` per step (1e-3 * 101 for ``general-lstm`` at ``lr=1``), and a coordinate whose
+    gradient has always been exactly zero does not move. The paper-faithful nets (``mnist-lstm``,
+    ``quadratic-lstm``) have an unbounded linear output.
+
+    Per-parameter hidden state lives in ``self.state[p]`` (``"h"``, ``"c"``, ``"nonfinite"``, and the running
+    moments ``"m"``, ``"v"``, ``"step"`` for nets that use them), so ``state_dict()`` / ``load_state_dict()``
+    round-trip exactly. A NaN or infinite gradient coordinate gets a zero update and keeps its state;
+    ``state[p]["nonfinite"]`` counts such coordinate-steps.
 
     Example:
         >>> import torch, learnedopt

@@ -20,7 +20,7 @@ from .lstm import CoordinatewiseLSTM, LSTMConfig
 __all__ = ["DEFAULT_NET", "list_pretrained", "load_net", "save_net", "net_info", "atomic_save", "load_file"]
 
 PRETRAINED_DIR = Path(__file__).with_name("pretrained")
-DEFAULT_NET = "mnist-lstm"
+DEFAULT_NET = "general-lstm"
 _FORMAT = "learnedopt-net"
 
 
