@@ -391,3 +391,15 @@ def test_whole_step_compiles_with_fullgraph_and_matches_eager():
     before = bad.detach().clone()
     step()
     assert torch.equal(bad, before)  # the masked path still skips non-finite coordinates
+
+
+def test_load_state_dict_keeps_entries_that_are_not_parameter_indices():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = learnedopt.LearnedOptimizer([w])
+    w.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"]["extra"] = {"note": torch.ones(1)}  # torch.optim keeps such entries; it must not crash
+    fresh = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))])
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.state["extra"]["note"], torch.ones(1))
