@@ -126,14 +126,20 @@ def query_accuracy(
     """Adapt on the support set without building a meta-graph, then classify the query set.
 
     ``query_batch`` sets how many query images go through the network at once, which matters with BatchNorm on
-    batch statistics: ``None`` classifies all of them together; Finn et al.'s code classifies N·K at a time.
+    batch statistics: ``None`` classifies all of them together; Finn et al.'s code classifies N·K at a time. Each
+    batch mixes the classes (one image of each class in turn), as a shuffled query set would: a batch of one
+    class alone would have its class signal normalized away.
     """
     params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = episode.query_x, episode.query_y
+    if query_batch is not None and y.dtype == torch.int64:
+        ways = int(y.max()) + 1
+        order = torch.argsort(y, stable=True).view(ways, -1).t().reshape(-1)  # class 0, 1, …, N-1, 0, 1, …
+        x, y = x[order], y[order]
     with torch.no_grad():
         adapted = adapt(model, params, episode, steps, inner_lr, first_order=True, rule=rule).params
-        size = query_batch or len(episode.query_x)
+        size = query_batch or len(x)
         logits = torch.cat([
-            torch.func.functional_call(model, adapted, (episode.query_x[i : i + size],))
-            for i in range(0, len(episode.query_x), size)
+            torch.func.functional_call(model, adapted, (x[i : i + size],)) for i in range(0, len(x), size)
         ])
-    return float((logits.argmax(-1) == episode.query_y).float().mean())
+    return float((logits.argmax(-1) == y).float().mean())
