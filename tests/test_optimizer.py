@@ -312,12 +312,17 @@ def test_adam_rule_loads_a_state_dict_whose_step_is_a_number():
     torch.testing.assert_close(v, w)
 
 
-def test_load_state_dict_keeps_what_a_pre_hook_put_in():
+def _state_after_one_step(**options) -> dict:
+    """The state dict of a LearnedOptimizer that has taken one step on a 3-element parameter."""
     w = torch.nn.Parameter(torch.ones(3))
-    opt = learnedopt.LearnedOptimizer([w])
+    opt = learnedopt.LearnedOptimizer([w], **options)
     w.grad = torch.ones(3)
     opt.step()
-    saved = opt.state_dict()
+    return opt.state_dict()
+
+
+def test_load_state_dict_keeps_what_a_pre_hook_put_in():
+    saved = _state_after_one_step()
     fresh = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))])
 
     def zero_hidden_state(optimizer, state_dict):
@@ -336,11 +341,7 @@ def test_load_state_dict_keeps_what_a_pre_hook_put_in():
 
 
 def test_state_dict_names_its_net_and_refuses_a_mismatched_one():
-    w = torch.nn.Parameter(torch.ones(3))
-    opt = learnedopt.LearnedOptimizer([w], net="mnist-lstm")
-    w.grad = torch.ones(3)
-    opt.step()
-    saved = opt.state_dict()
+    saved = _state_after_one_step(net="mnist-lstm")
     assert saved["net"]["config"]["hidden_size"] == 20 and len(saved["net"]["digest"]) == 64
     other_shape = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))], net=CoordinatewiseLSTM(hidden_size=8))
     with pytest.raises(ValueError, match="another architecture"):
@@ -394,11 +395,7 @@ def test_whole_step_compiles_with_fullgraph_and_matches_eager():
 
 
 def test_load_state_dict_keeps_entries_that_are_not_parameter_indices():
-    w = torch.nn.Parameter(torch.ones(3))
-    opt = learnedopt.LearnedOptimizer([w])
-    w.grad = torch.ones(3)
-    opt.step()
-    saved = opt.state_dict()
+    saved = _state_after_one_step()
     saved["state"]["extra"] = {"note": torch.ones(1)}  # torch.optim keeps such entries; it must not crash
     fresh = learnedopt.LearnedOptimizer([torch.nn.Parameter(torch.ones(3))])
     fresh.load_state_dict(saved)
