@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence, cast
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -98,9 +98,10 @@ class LSTMConfig:
         return self.inputs == "normalized" or self.output == "adam"
 
     @classmethod
-    def from_dict(cls, values: dict) -> "LSTMConfig":
+    def from_dict(cls, values: dict[str, Any]) -> "LSTMConfig":
         """Rebuild from :func:`dataclasses.asdict` output (sequences back to tuples)."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fields)
 
 
 class CoordinatewiseLSTM(nn.Module):
