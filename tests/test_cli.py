@@ -88,6 +88,11 @@ def test_bad_devices_and_outputs_are_one_line_errors(tmp_path, capsys):
     file.write_text("x")
     _one_line_error(capsys, ["meta-train", "--out", str(file), *TINY], "is a file")
     _one_line_error(capsys, ["protonet", "train", "--out", str(file)], "is a file")
+    fewshot_run = tmp_path / "fewshot-run"
+    fewshot_run.mkdir()
+    (fewshot_run / "checkpoint.pt").write_bytes(b"an earlier run")
+    _one_line_error(capsys, ["maml", "train", "--out", str(fewshot_run)], "already holds a run")
+    assert (fewshot_run / "checkpoint.pt").read_bytes() == b"an earlier run"
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
