@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -187,7 +188,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if (out / "checkpoint.pt").is_file() and not args.resume and not args.overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume, or another --out (--overwrite replaces it)")
     out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".write-test"
+    probe = out / f".write-test-{os.getpid()}"  # one per process: torchrun ranks check the same folder at once
     try:
         probe.touch()
         probe.unlink()
