@@ -186,15 +186,15 @@ def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tens
 
 
 def _moment_features(
-    config: LSTMConfig, grad: Tensor, state: ParamState, keep: Tensor | None
+    config: LSTMConfig, decays: Tensor, grad: Tensor, state: ParamState, keep: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, ParamState]:
     """Advance the running moments by one gradient; return the normalized features ``(N, 1 + K)``, the nominal
     Adam direction ``(N,)``, the ``seen`` mask and the new moment state.
 
     Moments use Adam's bias correction, so the first step's features are already of order one. Coordinates
-    outside ``keep`` (non-finite gradients) keep their old moments.
+    outside ``keep`` (non-finite gradients) keep their old moments. ``decays`` is ``config.momentum_decays`` as a
+    ``(K, 1)`` tensor on the gradient's device (built once per step, not once per tensor).
     """
-    decays = torch.tensor(config.momentum_decays, dtype=grad.dtype, device=grad.device).unsqueeze(1)
     beta2 = config.rms_decay
     m_old, v_old = state["m"].to(grad.dtype), state["v"].to(grad.dtype)
     step = state["step"] + 1
@@ -299,9 +299,13 @@ class LSTMRule:
         finite = [None if ok else m for ok, m in zip(clean, masks)]
         flat = [(g if ok else torch.where(m, g, 0.0)).to(self.compute_dtype) for g, ok, m in zip(flat, clean, masks)]
         features, nominals, seens, moments = [], [], [], []
+        decays = {  # the momenta's decays as a (K, 1) tensor, once per device rather than once per tensor
+            device: torch.tensor(config.momentum_decays, dtype=self.compute_dtype, device=device).unsqueeze(1)
+            for device in ({g.device for g in flat} if config.uses_moments else ())
+        }
         for g, s, keep in zip(flat, state, finite):
             if config.uses_moments:
-                x, nominal, seen, moment_state = _moment_features(config, g, s, keep)
+                x, nominal, seen, moment_state = _moment_features(config, decays[g.device], g, s, keep)
                 nominals.append(nominal)
                 seens.append(seen)
                 moments.append(moment_state)

@@ -8,7 +8,6 @@ in place. The math is the rule's, shared with the unroll engine.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import warnings
@@ -20,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
+from .pretrained import payload_digest
 from .rules import RuleState, UpdateRule
 
 __all__ = ["RuleOptimizer", "LearnedOptimizer"]
@@ -36,15 +36,8 @@ def _validate_lr(lr: Any) -> None:
 
 def net_identity(net: CoordinatewiseLSTM) -> dict[str, Any]:
     """The architecture and a SHA-256 digest of the weights of ``net``: what a saved hidden state belongs to."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return {"config": asdict(net.config), "digest": digest.hexdigest()}
-
-
-def _same(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    weights = {k: v.to(torch.float32) for k, v in net.state_dict().items()}  # as save_net writes them
+    return {"config": asdict(net.config), "digest": payload_digest(weights)}
 
 
 class RuleOptimizer(Optimizer):
@@ -247,8 +240,8 @@ class LearnedOptimizer(RuleOptimizer):
         if saved is not None:
             ours = net_identity(self.net)
             shape = ("hidden_size", "num_layers", "inputs", "output", "momentum_decays")
-            saved_config = {**LSTMConfig().__dict__, **saved["config"]}
-            if any(_same(saved_config[k]) != _same(ours["config"][k]) for k in shape):
+            saved_config = LSTMConfig.from_dict(saved["config"])
+            if any(getattr(saved_config, k) != getattr(self.net.config, k) for k in shape):
                 raise ValueError(
                     f"this optimizer state was made by a net of another architecture ({saved['config']}); this "
                     f"optimizer's net is {ours['config']}: build the optimizer with the net that made the state"
