@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy learnedopt meta_train baselines --ignore-missing-imports
+	$(VENV)/bin/mypy learnedopt learnedopt_cli meta_train baselines --ignore-missing-imports
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learnedopt.data import Omniglot
+from .omniglot import Omniglot
 
 __all__ = ["Episode", "EpisodeSampler", "sample_sinusoids"]
 
@@ -30,7 +30,7 @@ class EpisodeSampler:
     """N-way K-shot episodes from one split's classes (a character at one rotation is a class).
 
     Example:
-        >>> from learnedopt.data import load_omniglot
+        >>> from .omniglot import load_omniglot
         >>> sampler = EpisodeSampler(load_omniglot(), "train", ways=5, shots=1, queries=15)
         >>> sampler.sample(torch.Generator().manual_seed(0)).query_x.shape
         torch.Size([75, 1, 28, 28])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from learnedopt import CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
-from learnedopt.data import load_omniglot
+from .omniglot import load_omniglot
 from learnedopt.pretrained import atomic_save, load_file
 
 from .episodes import Episode, EpisodeSampler, sample_sinusoids

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 import learnedopt
-from learnedopt.data import load_mnist
+from meta_train.mnist import load_mnist
 from meta_train.reports import hardware
 
 TUNE_SEED = 1000

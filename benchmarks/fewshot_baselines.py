@@ -22,7 +22,7 @@ from torch import nn
 
 from baselines.episodes import Episode, EpisodeSampler
 from baselines.models import conv4
-from learnedopt.data import load_omniglot
+from baselines.omniglot import load_omniglot
 
 GRID = {"Adam": [1e-4, 1e-3, 1e-2], "SGD": [1e-2, 1e-1, 1.0]}
 

@@ -11,7 +11,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
   python3 benchmarks/step.py --device cuda --chunk-size 65536; } > "$out/cuda.txt" 2>&1
 train() {  # name, then meta-train arguments
   local name=$1; shift
-  python3 -m learnedopt.cli meta-train --out "/tmp/runs/$name" --device cuda --data-dir "$data" --no-progress \
+  python3 -m learnedopt_cli meta-train --out "/tmp/runs/$name" --device cuda --data-dir "$data" --no-progress \
     --time-budget "$budget" --eval-every 40 --checkpoint-every 40 --iterations 100000 "$@" > "/tmp/runs/$name.log" 2>&1
   cp "/tmp/runs/$name/net.pt" "$out/${name}_net.pt"
 }

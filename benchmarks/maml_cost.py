@@ -33,7 +33,7 @@ CONFIGS = [(order, steps, "loop") for steps in (1, 5, 10) for order in ("second"
 
 def _episodes(meta_batch: int):
     from baselines.episodes import EpisodeSampler
-    from learnedopt.data import load_omniglot
+    from baselines.omniglot import load_omniglot
 
     sampler = EpisodeSampler(load_omniglot(), "train", 5, 1, 1)
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,7 @@ def _truncation(family: str, tasks: int, steps: int, loop: bool, checkpoint: int
     params = task.init_params(torch.Generator().manual_seed(1))
     start = time.perf_counter()
     if loop:
-        from meta_train.distributed import TaskShard
+        from learnedopt.distributed import TaskShard
 
         for i in range(tasks):
             one = TaskShard(task, slice(i, i + 1))

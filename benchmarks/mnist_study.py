@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from learnedopt import DEFAULT_NET
-from meta_train.evaluate import BASELINES
+from learnedopt.evaluation import BASELINES
 from meta_train.reports import benchmark, hardware
 
 ROWS = [  # label, task, steps

@@ -19,7 +19,7 @@ from torch import nn
 from baselines.episodes import EpisodeSampler
 from baselines.maml import adapt
 from baselines.models import conv4
-from learnedopt.data import load_omniglot
+from baselines.omniglot import load_omniglot
 
 
 def main() -> None:

@@ -1,5 +1,9 @@
 """learnedopt: learned optimizers and meta-learning in PyTorch.
 
+The engine (update rules, the LSTM, the optimizer, the unroll, meta-gradient estimators, packaged nets) and the
+meta-training library built on it (task families, the trainer, :func:`meta_train`). Nothing here imports the
+experiment packages (``meta_train``, ``baselines``) or the command line (``learnedopt_cli``).
+
 Example:
     >>> import torch, learnedopt
     >>> model = torch.nn.Linear(10, 1)
@@ -13,6 +17,8 @@ from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule, preprocess_gradient
 from .optimizer import LearnedOptimizer, RuleOptimizer
 from .pretrained import DEFAULT_NET, list_pretrained, load_net, net_info, save_net
 from .rules import ParamState, RuleState, UpdateRule, adam, rmsprop, sgd
+from .tasks import Mixture, ModuleFamily, RescaledTask, Task, TaskFamily
+from .trainer import MetaTrainConfig, MetaTrainer, meta_train
 from .unroll import UnrollResult, default_weights, module_loss, unroll
 
 __version__ = "0.1.0"
@@ -26,10 +32,17 @@ __all__ = [
     "LSTMConfig",
     "LSTMRule",
     "LearnedOptimizer",
+    "MetaTrainConfig",
+    "MetaTrainer",
+    "Mixture",
+    "ModuleFamily",
     "ParamState",
     "PersistentES",
+    "RescaledTask",
     "RuleOptimizer",
     "RuleState",
+    "Task",
+    "TaskFamily",
     "TruncatedBackprop",
     "UnrollResult",
     "UpdateRule",
@@ -37,6 +50,7 @@ __all__ = [
     "default_weights",
     "list_pretrained",
     "load_net",
+    "meta_train",
     "module_loss",
     "net_info",
     "preprocess_gradient",

@@ -12,9 +12,11 @@ from typing import Sequence
 
 import torch
 
-from .evaluate import TEST_SEED, TUNE_SEED, Curves, compare
-from .tasks import get_family
-from .trainer import MetaTrainConfig, MetaTrainer
+from learnedopt import MetaTrainConfig, MetaTrainer
+from learnedopt.evaluation import TEST_SEED, TUNE_SEED
+
+from .evaluate import Curves, compare
+from .tasks import QuadraticFamily, get_family
 
 __all__ = ["benchmark", "demo", "hardware"]
 
@@ -110,9 +112,9 @@ def demo(out: Path, iterations: int, seed: int, progress: bool, command: str) ->
         task="quadratic", iterations=iterations, objective="sum", seed=seed, eval_every=20, inputs="paper",
         output="linear",
     )
-    MetaTrainer(config, out / "run", progress=progress).train()
+    family = QuadraticFamily()
+    MetaTrainer(family, config, out / "run", progress=progress).train()
     trained = time.perf_counter() - started
-    family = get_family("quadratic")
     tune_task = family.sample(256, torch.Generator().manual_seed(TUNE_SEED))
     test_task = family.sample(1000, torch.Generator().manual_seed(TEST_SEED))
     curves = compare(

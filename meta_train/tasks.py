@@ -1,59 +1,26 @@
-"""Tasks are data: a batch of optimization problems with one functional loss, sampled from a family.
+"""The experiments' task families: the paper's quadratics and MNIST networks, and the ``--task`` registry.
 
-A :class:`Task` holds ``num_tasks`` problems at once (a leading task dimension on every parameter), so the
-coordinatewise optimizer sees all of them as one batch of coordinates, and the loss returns one value per problem:
-each problem's gradient is its own, unscaled.
+The protocols and the building blocks users need for their own families (:class:`~learnedopt.tasks.ModuleFamily`,
+:class:`~learnedopt.tasks.Mixture`, :class:`~learnedopt.tasks.RescaledTask`) live in :mod:`learnedopt.tasks`;
+``--task package.module:factory`` loads a family of the user's own (:func:`family_from_path`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+import importlib
+import inspect
+import os
+import sys
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from learnedopt.tasks import Mixture, Params, TaskFamily
+
 from .mnist import MNIST_VARIANTS, MNISTFamily
 
-Params = dict[str, Tensor]
-
-__all__ = [
-    "Task", "TaskFamily", "QuadraticTask", "QuadraticFamily", "Mixture", "RescaledTask", "FAMILIES", "get_family",
-]
-
-
-class Task(Protocol):
-    """A batch of ``num_tasks`` problems: initial parameters, a loss and a deterministic batch for every step."""
-
-    num_tasks: int
-    device: torch.device
-
-    def init_params(self, generator: torch.Generator) -> Params:
-        """Sample initial parameters (each with a leading dimension of ``num_tasks``)."""
-        ...
-
-    def loss(self, params: Params, batch: Any) -> Tensor:
-        """Return the ``(num_tasks,)`` losses of ``params`` on ``batch``."""
-        ...
-
-    def batch(self, step: int) -> Any:
-        """The batch used at optimization step ``step``; the same for every optimizer evaluated on this task."""
-        ...
-
-
-class TaskFamily(Protocol):
-    """A distribution over tasks, with the batch sizes that suit it."""
-
-    name: str
-    default_meta_batch: int
-    default_eval_tasks: int
-
-    def sample(self, num_tasks: int, generator: torch.Generator) -> Task:
-        """Draw ``num_tasks`` problems as one batched :class:`Task`."""
-        ...
-
-    def components(self) -> Sequence["TaskFamily"]:
-        """The families scored separately on held-out tasks: ``[self]``, or a mixture's members."""
-        ...
+__all__ = ["QuadraticTask", "QuadraticFamily", "FAMILIES", "GENERAL_MNIST", "get_family", "family_from_path"]
 
 
 class QuadraticTask:
@@ -106,59 +73,6 @@ class QuadraticFamily:
         return [self]
 
 
-class Mixture:
-    """Each sampled task batch comes from one member family, drawn uniformly; members are scored separately.
-
-    Example:
-        >>> import torch
-        >>> mix = Mixture([QuadraticFamily(dim=3), QuadraticFamily(dim=5)], name="two-quadratics")
-        >>> [f.dim for f in mix.components()], mix.sample(2, torch.Generator().manual_seed(0)).num_tasks
-        ([3, 5], 2)
-    """
-
-    def __init__(self, families: Sequence[TaskFamily], name: str) -> None:
-        if not families:
-            raise ValueError("a mixture needs at least one family")
-        self.name = name
-        self.families = list(families)
-        self.default_meta_batch = min(f.default_meta_batch for f in self.families)
-        self.default_eval_tasks = min(f.default_eval_tasks for f in self.families)
-
-    def components(self) -> list[TaskFamily]:
-        return self.families
-
-    def sample(self, num_tasks: int, generator: torch.Generator) -> Task:
-        pick = int(torch.randint(0, len(self.families), (1,), generator=generator))
-        return self.families[pick].sample(num_tasks, generator)
-
-
-class RescaledTask:
-    """Random objective rescaling (Lv et al. 2017): optimize ``f(c * theta)`` from ``theta_0 / c``.
-
-    ``c = exp(U(-log_range, log_range))`` is drawn per coordinate when the initial parameters are drawn, so a rule
-    cannot rely on the absolute scale of gradients or parameters; the loss values are those of the original task.
-    """
-
-    def __init__(self, task: Task, log_range: float) -> None:
-        self.task, self.log_range = task, log_range
-        self.num_tasks, self.device = task.num_tasks, task.device
-        self.scales: Params = {}
-
-    def init_params(self, generator: torch.Generator) -> Params:
-        params = self.task.init_params(generator)
-        self.scales = {
-            k: torch.exp((2 * torch.rand(v.shape, generator=generator) - 1) * self.log_range).to(v)
-            for k, v in params.items()
-        }
-        return {k: v / self.scales[k] for k, v in params.items()}
-
-    def loss(self, params: Params, batch: Any) -> Tensor:
-        return self.task.loss({k: v * self.scales[k] for k, v in params.items()}, batch)
-
-    def batch(self, step: int) -> Any:
-        return self.task.batch(step)
-
-
 def _mnist_family(variants: tuple[str, ...], name: str) -> Callable[..., TaskFamily]:
     def build(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
         if len(variants) == 1:
@@ -189,7 +103,42 @@ FAMILIES: dict[str, Callable[..., TaskFamily]] = {
 
 
 def get_family(name: str, data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
-    """Build a task family by name (``--task``); an unknown name lists the known ones."""
+    """Build a task family (``--task``): a registered name, or ``package.module:factory`` (your own family).
+
+    A factory is called with whichever of ``data_dir`` and ``device`` it accepts and must return a task family,
+    e.g. a :class:`learnedopt.ModuleFamily`. An unknown name lists the known ones.
+    """
+    if ":" in name:
+        return family_from_path(name, data_dir=data_dir, device=device)
     if name not in FAMILIES:
-        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(FAMILIES)}, or give module:factory")
     return FAMILIES[name](data_dir=data_dir, device=device)
+
+
+def family_from_path(path: str, **options: Any) -> TaskFamily:
+    """Import ``package.module:factory`` (the working directory first on the path, as ``python -m`` has it), call
+    it with the ``options`` its signature names, and check that it returned a task family."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--task {path!r}: write an import path as package.module:factory")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--task {path}: cannot import {module_name!r} ({err}); is it installed or in the working "
+                         "directory?") from None
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise ValueError(f"--task {path}: module {module_name!r} has no attribute {attribute!r}")
+    if not callable(factory):
+        raise ValueError(f"--task {path}: {attribute!r} is a {type(factory).__name__}, not a function returning a "
+                         "task family")
+    accepted = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    family = factory(**{k: v for k, v in options.items() if takes_any or k in accepted})
+    if not isinstance(family, TaskFamily):
+        raise ValueError(f"--task {path} returned a {type(family).__name__}, not a task family (an object with name, "
+                         "default_meta_batch, default_eval_tasks, sample() and components(), e.g. "
+                         "learnedopt.ModuleFamily)")
+    return family

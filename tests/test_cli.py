@@ -3,11 +3,11 @@ import os
 import subprocess
 import sys
 
-from learnedopt.cli import main
+from learnedopt_cli import main
 
 
 def test_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "learnedopt.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "learnedopt_cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for command in ("meta-train", "demo", "benchmark", "pretrained"):
         assert command in out.stdout

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from meta_train.trainer import MetaTrainConfig, MetaTrainer
+from learnedopt import MetaTrainConfig, MetaTrainer
+from meta_train.tasks import QuadraticFamily
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def _rank_main(rank: int, world: int, port: int, out: str, runs: list[tuple[int,
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for iterations, resume in runs:
-            trainer = MetaTrainer(config(iterations, estimator), out, resume=resume, progress=False)
+            trainer = MetaTrainer(QuadraticFamily(), config(iterations, estimator), out, resume=resume, progress=False)
             trainer.train()
         torch.save(trainer.net.state_dict(), Path(out) / f"rank{rank}.pt")
     finally:
@@ -48,7 +49,7 @@ def _distributed(tmp_path: Path, runs: list[tuple[int, bool]], estimator: str = 
 
 
 def _single(tmp_path: Path, iterations: int, estimator: str = "tbptt") -> dict:
-    trainer = MetaTrainer(config(iterations, estimator), tmp_path / "single", progress=False)
+    trainer = MetaTrainer(QuadraticFamily(), config(iterations, estimator), tmp_path / "single", progress=False)
     trainer.train()
     return trainer.net.state_dict()
 
@@ -59,7 +60,7 @@ def _single(tmp_path: Path, iterations: int, estimator: str = "tbptt") -> dict:
 def test_two_ranks_equal_one_process_and_each_other(tmp_path, estimator, atol):
     ranks = _distributed(tmp_path, [(3, False)], estimator)
     single = _single(tmp_path, 3, estimator)
-    initial = MetaTrainer(config(1), tmp_path / "fresh", progress=False).net.state_dict()
+    initial = MetaTrainer(QuadraticFamily(), config(1), tmp_path / "fresh", progress=False).net.state_dict()
     for key, value in single.items():
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # every rank holds the same weights
         torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=atol)
@@ -77,7 +78,7 @@ def test_resumed_distributed_run_continues_on_every_rank(tmp_path):
 def test_torchrun_launches_meta_train(tmp_path):
     """The documented launch line works end to end (2 CPU processes, gloo)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "meta_train", "--task", "quadratic", "--out", str(tmp_path / "run"), "--iterations", "2",
+               "-m", "learnedopt_cli", "meta-train", "--task", "quadratic", "--out", str(tmp_path / "run"), "--iterations", "2",
                "--horizon", "20", "--unroll", "10", "--meta-batch", "8", "--eval-tasks", "8", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -89,7 +90,7 @@ def test_torchrun_launches_meta_train(tmp_path):
 @pytest.mark.parametrize("family", ["quadratic", "mnist-mlp"])
 def test_a_task_shard_is_those_rows_of_the_whole_batch(family):
     """Each rank's block has the same initial parameters, batches and losses as those rows of the global batch."""
-    from meta_train.distributed import TaskShard
+    from learnedopt.distributed import TaskShard
     from meta_train.tasks import get_family
 
     if family.startswith("mnist") and not (ROOT.parent / "shared" / "data" / "MNIST" / "raw").is_dir():

@@ -18,7 +18,7 @@ needs_omniglot = pytest.mark.skipif(not (SHARED / "omniglot-py").is_dir(), reaso
 
 @pytest.fixture(scope="module")
 def omniglot():
-    from learnedopt.data import load_omniglot
+    from baselines.omniglot import load_omniglot
 
     return load_omniglot()
 
@@ -206,7 +206,7 @@ def test_short_protonet_and_maml_training_beat_chance(omniglot):
 
 @needs_omniglot
 def test_fewshot_cli_train_resume_eval_and_mismatch(tmp_path, capsys, omniglot):
-    from learnedopt.cli import main
+    from learnedopt_cli import main
 
     out = tmp_path / "maml"
     def args(iterations):
@@ -229,7 +229,7 @@ def test_fewshot_cli_train_resume_eval_and_mismatch(tmp_path, capsys, omniglot):
 def test_maml_with_the_learned_lstm_inner_rule_meta_trains_both(tmp_path, capsys):
     """The meta-learner-LSTM variant: the inner loop is LSTMRule, and its weights are meta-trained too."""
     from learnedopt import DEFAULT_NET, load_net
-    from learnedopt.cli import main
+    from learnedopt_cli import main
 
     out = tmp_path / "sine-lstm"
     assert main(["maml", "train", "--dataset", "sinusoid", "--shots", "5", "--meta-batch", "4", "--iterations", "3",
@@ -255,7 +255,7 @@ def _fake_omniglot(root, drawings):
 
 
 def test_omniglot_refuses_characters_with_too_few_drawings(tmp_path, monkeypatch):
-    import learnedopt.data as data
+    import baselines.omniglot as data
 
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "cache")
     _fake_omniglot(tmp_path / "short", 19)
@@ -264,7 +264,7 @@ def test_omniglot_refuses_characters_with_too_few_drawings(tmp_path, monkeypatch
 
 
 def test_omniglot_cache_is_keyed_by_root_and_contents(tmp_path, monkeypatch):
-    import learnedopt.data as data
+    import baselines.omniglot as data
 
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "cache")
     _fake_omniglot(tmp_path / "a", 20)

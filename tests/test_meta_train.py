@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from learnedopt import LSTMRule, load_net
-from meta_train.evaluate import (
+from learnedopt import LSTMRule, MetaTrainConfig, MetaTrainer, load_net
+from learnedopt.evaluation import (
     BASELINES,
     TEST_SEED,
     TUNE_SEED,
@@ -13,7 +13,6 @@ from meta_train.evaluate import (
     tune_lr,
 )
 from meta_train.tasks import QuadraticFamily, get_family
-from meta_train.trainer import MetaTrainConfig, MetaTrainer
 
 
 def tiny_config(**overrides):
@@ -25,7 +24,7 @@ def test_short_meta_training_beats_untrained_net_and_tuned_sgd(tmp_path):
     config = MetaTrainConfig(
         iterations=60, meta_batch=64, objective="sum", eval_every=60, eval_tasks=64, eval_lengths=(100,), seed=0
     )
-    trainer = MetaTrainer(config, tmp_path, progress=False)
+    trainer = MetaTrainer(QuadraticFamily(), config, tmp_path, progress=False)
     untrained = load_net(_save_untrained(trainer, tmp_path))
     trained = trainer.train()
 
@@ -47,7 +46,7 @@ def _save_untrained(trainer, tmp_path):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
-    full = MetaTrainer(tiny_config(), tmp_path / "full", progress=False)
+    full = MetaTrainer(QuadraticFamily(), tiny_config(), tmp_path / "full", progress=False)
     full.train()
 
     calls = {"n": 0}
@@ -61,9 +60,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(MetaTrainer, "meta_step", crashing)
     with pytest.raises(KeyboardInterrupt):
-        MetaTrainer(tiny_config(), tmp_path / "cut", progress=False).train()
+        MetaTrainer(QuadraticFamily(), tiny_config(), tmp_path / "cut", progress=False).train()
     monkeypatch.setattr(MetaTrainer, "meta_step", original)
-    resumed = MetaTrainer(tiny_config(), tmp_path / "cut", resume=True, progress=False)
+    resumed = MetaTrainer(QuadraticFamily(), tiny_config(), tmp_path / "cut", resume=True, progress=False)
     assert resumed.iteration == 2
     resumed.train()
     for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
@@ -73,14 +72,14 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
-    MetaTrainer(tiny_config(iterations=1), tmp_path, progress=False).train()
+    MetaTrainer(QuadraticFamily(), tiny_config(iterations=1), tmp_path, progress=False).train()
     with pytest.raises(ValueError, match="horizon"):
-        MetaTrainer(tiny_config(horizon=40), tmp_path, resume=True, progress=False)
+        MetaTrainer(QuadraticFamily(), tiny_config(horizon=40), tmp_path, resume=True, progress=False)
 
 
 def test_same_seed_same_net_other_seed_other_net(tmp_path):
     nets = [
-        MetaTrainer(tiny_config(iterations=2, seed=s), tmp_path / f"{i}", progress=False).train()
+        MetaTrainer(QuadraticFamily(), tiny_config(iterations=2, seed=s), tmp_path / f"{i}", progress=False).train()
         for i, s in enumerate((0, 0, 1))
     ]
     p = [torch.cat([t.reshape(-1) for t in n.state_dict().values()]) for n in nets]
@@ -89,7 +88,7 @@ def test_same_seed_same_net_other_seed_other_net(tmp_path):
 
 def test_gradient_checkpointing_trains_the_same_net(tmp_path):
     nets = [
-        MetaTrainer(tiny_config(iterations=2, checkpoint=k), tmp_path / f"{k}", progress=False).train()
+        MetaTrainer(QuadraticFamily(), tiny_config(iterations=2, checkpoint=k), tmp_path / f"{k}", progress=False).train()
         for k in (0, 3)
     ]
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):

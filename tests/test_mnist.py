@@ -7,14 +7,9 @@ import torch
 from torch import nn
 
 import learnedopt
-from learnedopt.data import (
-    DataNotFoundError,
-    candidate_roots,
-    load_mnist,
-    resolve_data_root,
-)
-from meta_train.evaluate import TUNE_SEED, tune_lr
-from meta_train.mnist import MNISTFamily, mnist_model
+from learnedopt.data import DataNotFoundError, candidate_roots, resolve_data_root
+from learnedopt.evaluation import TUNE_SEED, tune_lr
+from meta_train.mnist import MNISTFamily, load_mnist, mnist_model
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_mnist = pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="needs ../shared/data/MNIST")
@@ -52,7 +47,7 @@ def test_missing_data_is_one_clear_error(tmp_path):
 
 
 def test_missing_data_from_the_cli_is_an_error_line(tmp_path, capsys):
-    from learnedopt.cli import main
+    from learnedopt_cli import main
 
     code = main(["benchmark", "--task", "mnist-mlp", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
     assert code == 2 and "MNIST not found" in capsys.readouterr().err
@@ -113,12 +108,11 @@ def test_lr_tuner_picks_the_argmin_and_only_uses_tuning_seeds():
 
 @needs_mnist
 def test_short_mnist_meta_training_lowers_held_out_meta_loss(tmp_path):
-    from learnedopt import LSTMRule, unroll
-    from meta_train.trainer import MetaTrainConfig, MetaTrainer
+    from learnedopt import LSTMRule, MetaTrainConfig, MetaTrainer, unroll
 
     config = MetaTrainConfig(task="mnist-mlp", iterations=8, horizon=20, unroll=10, meta_batch=2, meta_lr=1e-2,
                              objective="sum", eval_every=100, eval_tasks=2, eval_lengths=(20,), seed=0)
-    trainer = MetaTrainer(config, tmp_path, progress=False)
+    trainer = MetaTrainer(MNISTFamily("mnist-mlp"), config, tmp_path, progress=False)
     held_out = trainer.family.sample(4, torch.Generator().manual_seed(TUNE_SEED))
 
     def meta_loss(net):
@@ -152,7 +146,7 @@ def test_default_learned_optimizer_trains_an_mnist_mlp(mnist):
 
 @needs_mnist
 def test_runs_are_scored_on_a_fixed_evaluation_set_not_the_last_minibatch():
-    from meta_train.evaluate import final_losses, run_rule
+    from learnedopt.evaluation import final_losses, run_rule
 
     task = MNISTFamily("mnist-mlp").sample(3, torch.Generator().manual_seed(0))
     result = run_rule(task, learnedopt.adam(1e-2), 5, init_seed=1)
@@ -164,6 +158,6 @@ def test_runs_are_scored_on_a_fixed_evaluation_set_not_the_last_minibatch():
             torch.cat([result.params[k][i].flatten() for k, _ in model.named_parameters()]), model.parameters()
         )
         with torch.no_grad():
-            expected = nn.functional.cross_entropy(model(task.data.train_images[index]), task.data.train_labels[index])
+            expected = nn.functional.cross_entropy(model(task.family.inputs[index]), task.family.targets[index])
         assert float(scored[i]) == pytest.approx(float(expected), rel=1e-5)
     assert not torch.allclose(scored, result.losses[-1].double())  # not the last minibatch's loss

@@ -2,10 +2,9 @@
 
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LSTMRule, adam
-from meta_train.imitation import imitation_step, step_mismatch
-from meta_train.tasks import Mixture, QuadraticFamily, RescaledTask
-from meta_train.trainer import MetaTrainConfig, MetaTrainer
+from learnedopt import CoordinatewiseLSTM, LSTMRule, MetaTrainConfig, MetaTrainer, Mixture, RescaledTask, adam
+from learnedopt.imitation import imitation_step, step_mismatch
+from meta_train.tasks import QuadraticFamily
 
 
 def test_imitation_reproduces_the_teachers_step_on_held_out_gradients():
@@ -45,22 +44,22 @@ def test_short_curriculum_moves_to_the_next_stage(tmp_path):
         iterations=6, horizon=10, unroll=10, curriculum=(20,), patience=1, meta_batch=8, eval_every=1,
         eval_tasks=8, eval_lengths=(10,), meta_lr=1e-9,  # no learning: every evaluation after the first is stale
     )
-    trainer = MetaTrainer(config, tmp_path, progress=False)
+    trainer = MetaTrainer(QuadraticFamily(), config, tmp_path, progress=False)
     trainer.train()
     horizons = [h["horizon"] for h in trainer.history]
     assert horizons[0] == 10 and horizons[-1] == 20 and trainer.stage == 1
-    resumed = MetaTrainer(config, tmp_path, resume=True, progress=False)
+    resumed = MetaTrainer(QuadraticFamily(), config, tmp_path, resume=True, progress=False)
     assert resumed.stage == 1 and resumed.horizon == 20
 
 
 def test_imitation_warm_start_runs_before_meta_training_and_resumes(tmp_path):
     config = MetaTrainConfig(iterations=1, horizon=10, unroll=10, meta_batch=4, eval_tasks=4, imitation=2)
-    trainer = MetaTrainer(config, tmp_path, progress=False)
+    trainer = MetaTrainer(QuadraticFamily(), config, tmp_path, progress=False)
     start = [p.detach().clone() for p in trainer.net.parameters()]
     trainer.train()
     assert trainer.imitated == 2 and trainer.iteration == 1
     assert any(not torch.equal(a, b) for a, b in zip(start, trainer.net.parameters()))
-    assert MetaTrainer(config, tmp_path, resume=True, progress=False).imitated == 2
+    assert MetaTrainer(QuadraticFamily(), config, tmp_path, resume=True, progress=False).imitated == 2
 
 
 def test_rescaled_task_has_the_same_losses_and_rescaled_gradients():

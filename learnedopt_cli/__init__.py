@@ -1,4 +1,8 @@
-"""The ``learnedopt`` command line: meta-train, demo, benchmark, pretrained."""
+"""The ``learnedopt`` command line: meta-train, demo, benchmark, pretrained, maml, protonet.
+
+The top layer: it parses arguments, resolves ``--task`` (a registered family or ``package.module:factory``) and
+calls the library (:mod:`learnedopt`) and the experiment packages (:mod:`meta_train`, :mod:`baselines`).
+"""
 
 from __future__ import annotations
 
@@ -33,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mt = sub.add_parser("meta-train", help="meta-train an LSTM optimizer on truncated unrolls; writes OUT/net.pt",
                         description="Meta-train an LSTM optimizer. Under torchrun (torchrun --nproc_per_node N -m "
-                        "meta_train ...) the task batch is split across processes.")
-    mt.add_argument("--task", default="quadratic", help="task family (default: quadratic)")
+                        "learnedopt_cli meta-train ...) the task batch is split across processes.")
+    mt.add_argument("--task", default="quadratic",
+                    help="task family: a registered name (quadratic, mnist-mlp, general, ...) or "
+                         "package.module:factory returning your own (e.g. a learnedopt.ModuleFamily)")
     mt.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, net.pt, TensorBoard logs")
     mt.add_argument("--iterations", type=_positive, default=300, help="meta-iterations (each: one horizon)")
     mt.add_argument("--horizon", type=_positive, default=100, help="optimization steps per sampled task batch")
@@ -205,10 +211,12 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             print(f"{name}: trained on {info.get('task', '?')} for {info.get('iteration', '?')} iterations")
         return 0
     if args.command == "meta-train":
-        from meta_train.distributed import init_from_environment, rank_and_world
-        from meta_train.trainer import MetaTrainConfig, MetaTrainer
+        from learnedopt import MetaTrainConfig, MetaTrainer
+        from learnedopt.distributed import init_from_environment, rank_and_world
+        from meta_train.tasks import get_family
 
         device = init_from_environment(args.device)
+        family = get_family(args.task, args.data_dir, device)
 
         config = MetaTrainConfig(
             task=args.task,
@@ -222,7 +230,6 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             checkpoint_every=args.checkpoint_every,
             seed=args.seed,
             device=device,
-            data_dir=args.data_dir,
             eval_tasks=args.eval_tasks,
             init_net=args.init_net,
             estimator=args.estimator,
@@ -238,7 +245,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             rescale=args.rescale,
             imitation=args.imitation,
         )
-        trainer = MetaTrainer(config, args.out, resume=args.resume, progress=not args.no_progress)
+        trainer = MetaTrainer(family, config, args.out, resume=args.resume, progress=not args.no_progress)
         trainer.train(time_budget=args.time_budget)
         if rank_and_world()[0] != 0:
             return 0
@@ -254,7 +261,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         import torch
 
         from learnedopt import DEFAULT_NET
-        from meta_train.evaluate import BASELINES
+        from learnedopt.evaluation import BASELINES
         from meta_train.reports import benchmark
 
         baselines = [b for b in args.baselines.split(",") if b]

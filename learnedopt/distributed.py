@@ -6,7 +6,7 @@ are averaged with ``all_reduce``, so every rank takes the same meta-optimizer st
 equal (up to float rounding) to one process unrolling the whole batch. Rank 0 alone evaluates, logs and writes
 checkpoints; a resumed run reads the checkpoint on every rank.
 
-Launch: ``torchrun --nproc_per_node N -m meta_train --task quadratic --out runs/x`` (gloo on CPU, nccl on CUDA);
+Launch: ``torchrun --nproc_per_node N -m learnedopt_cli meta-train --task quadratic --out runs/x`` (gloo on CPU, nccl on CUDA);
 across machines add ``--nnodes M --node_rank K --rdzv_endpoint HOST:PORT`` (see the README).
 """
 
@@ -46,7 +46,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 class TaskShard:
-    """Tasks ``rows`` of a batched :class:`~meta_train.tasks.Task`: the same initial parameters and minibatches
+    """Tasks ``rows`` of a batched :class:`~learnedopt.tasks.Task`: the same initial parameters and minibatches
     as those rows of the whole batch, so a sharded run computes what a single process would."""
 
     def __init__(self, task: Task, rows: slice) -> None:

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from learnedopt import LSTMRule, UpdateRule
-
+from .lstm import LSTMRule
+from .rules import UpdateRule
 from .tasks import Task
 
 __all__ = ["imitation_step", "step_mismatch"]
@@ -43,9 +43,10 @@ def imitation_step(
 
     Example:
         >>> import torch, learnedopt
-        >>> from meta_train.tasks import QuadraticFamily
+        >>> data = (torch.randn(256, 4), torch.randn(256, 1))
+        >>> family = learnedopt.ModuleFamily(lambda: torch.nn.Linear(4, 1), data, torch.nn.functional.mse_loss, 32)
         >>> net = learnedopt.CoordinatewiseLSTM(inputs="normalized", output="adam", output_scale=1e-3)
-        >>> task = QuadraticFamily().sample(4, torch.Generator().manual_seed(0))
+        >>> task = family.sample(4, torch.Generator().manual_seed(0))
         >>> opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         >>> err = imitation_step(learnedopt.LSTMRule(net), learnedopt.adam(3e-3), task, 20, 10, opt,
         ...                      torch.Generator().manual_seed(1))

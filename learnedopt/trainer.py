@@ -4,7 +4,10 @@ An *iteration* samples a batch of tasks, optimizes them for ``horizon`` steps wi
 every ``unroll`` steps turns the truncation into a meta-gradient for the LSTM's weights (one Adam step of the
 meta-optimizer) with a :class:`~learnedopt.GradientEstimator`: truncated backprop by default, or antithetic /
 persistent evolution strategies (``--estimator es|pes``). Under ``torchrun`` the task batch is split across
-processes and meta-gradients are averaged (:mod:`meta_train.distributed`).
+processes and meta-gradients are averaged (:mod:`learnedopt.distributed`).
+
+:func:`meta_train` is the one-call entry point for a family of your own (:class:`~learnedopt.tasks.ModuleFamily`);
+``learnedopt meta-train`` drives :class:`MetaTrainer` from the command line.
 
 Runs are reproducible and resumable: all randomness comes from generators whose state is checkpointed
 (atomically) with the net and the meta-optimizer, so a resumed run gives the same weights as an uninterrupted one.
@@ -15,32 +18,21 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from learnedopt import (
-    ESTIMATORS,
-    AntitheticES,
-    CoordinatewiseLSTM,
-    GradientEstimator,
-    LSTMConfig,
-    LSTMRule,
-    PersistentES,
-    TruncatedBackprop,
-    load_net,
-    save_net,
-)
-from learnedopt.pretrained import atomic_save, load_file
-
 from .distributed import all_reduce_mean, any_rank, broadcast_from_lead, rank_and_world, shard
-from .evaluate import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
+from .estimators import ESTIMATORS, AntitheticES, GradientEstimator, PersistentES, TruncatedBackprop
+from .evaluation import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
 from .imitation import imitation_step
-from .tasks import RescaledTask, Task, TaskFamily, get_family
+from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
+from .pretrained import atomic_save, load_file, load_net, save_net
+from .tasks import RescaledTask, Task, TaskFamily
 
-__all__ = ["MetaTrainConfig", "MetaTrainer"]
+__all__ = ["MetaTrainConfig", "MetaTrainer", "meta_train"]
 
 _RESUME_MUST_MATCH = (
     "task", "horizon", "unroll", "meta_batch", "hidden_size", "num_layers", "objective", "seed", "estimator",
@@ -54,7 +46,7 @@ _SAVED_DEFAULTS = {"inputs": "paper", "output": "linear", "curriculum": (), "res
 class MetaTrainConfig:
     """Everything that defines a meta-training run (saved in every checkpoint)."""
 
-    task: str = "quadratic"
+    task: str = ""  # the family's label, saved and checked on resume ("": the family's name)
     iterations: int = 300
     horizon: int = 100
     unroll: int = 20
@@ -77,7 +69,6 @@ class MetaTrainConfig:
     checkpoint_every: int = 25
     seed: int = 0
     device: str = "cpu"
-    data_dir: str | None = None
     init_net: str | None = None  # start from these weights (a packaged name, net.pt or run folder)
     estimator: str = "tbptt"  # meta-gradient estimator: "tbptt", "es" (antithetic ES) or "pes" (persistent ES)
     es_pairs: int = 8  # antithetic pairs per truncation (es, pes)
@@ -108,23 +99,35 @@ class MetaTrainConfig:
 
 
 class MetaTrainer:
-    """Meta-train a :class:`~learnedopt.CoordinatewiseLSTM` on a task family; writes ``net.pt`` to ``out``.
+    """Meta-train a :class:`~learnedopt.CoordinatewiseLSTM` on ``family``; writes ``net.pt`` to ``out``.
 
     Files in ``out``: ``checkpoint.pt`` (resume point), ``net.pt`` (the net with the best held-out score, see
     :meth:`evaluate`: selecting by meta-loss would favour early progress over the final loss),
     ``last.pt`` (the latest net) and ``tb/`` (TensorBoard).
 
+    ``family`` must be built on ``config.device``.
+
     Example:
-        >>> cfg = MetaTrainConfig(iterations=2, horizon=20, unroll=10, meta_batch=8, eval_every=2, eval_tasks=8)
-        >>> net = MetaTrainer(cfg, out="/tmp/learnedopt-doctest", progress=False).train()
+        >>> import torch
+        >>> from learnedopt import ModuleFamily
+        >>> data = (torch.randn(256, 4), torch.randn(256, 1))
+        >>> family = ModuleFamily(lambda: torch.nn.Linear(4, 1), data, torch.nn.functional.mse_loss, 32, name="lin")
+        >>> cfg = MetaTrainConfig(iterations=2, horizon=20, unroll=10, meta_batch=4, eval_every=2, eval_tasks=4)
+        >>> net = MetaTrainer(family, cfg, out="/tmp/learnedopt-doctest", progress=False).train()
     """
 
-    def __init__(self, config: MetaTrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True):
+    def __init__(
+        self, family: TaskFamily, config: MetaTrainConfig, out: str | Path, *, resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(family, TaskFamily):
+            raise TypeError(f"family must be a task family (e.g. learnedopt.ModuleFamily), got {type(family).__name__}")
         self.out = Path(out)
         self.progress = progress
-        self.family = get_family(config.task, config.data_dir, config.device)
+        self.family = family
         config = replace(
             config,
+            task=config.task or family.name,
             meta_batch=config.meta_batch or self.family.default_meta_batch,
             eval_tasks=config.eval_tasks or self.family.default_eval_tasks,
         )
@@ -401,6 +404,44 @@ class MetaTrainer:
             train_config=asdict(self.config),
             history=self.history,
         )
+
+
+def meta_train(
+    family: TaskFamily,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    time_budget: float | None = None,
+    **settings: Any,
+) -> CoordinatewiseLSTM:
+    """Meta-train an LSTM optimizer on ``family`` and return the net selected on held-out tasks.
+
+    Writes ``out/net.pt`` (load it with ``LearnedOptimizer(params, net="out/net.pt")``), ``out/checkpoint.pt``,
+    ``out/last.pt`` and TensorBoard logs in ``out/tb``. ``settings`` are :class:`MetaTrainConfig` fields
+    (``iterations``, ``horizon``, ``unroll``, ``meta_batch``, ``estimator``, ``device``...). ``resume=True``
+    continues the run in ``out`` exactly where it stopped (``time_budget`` seconds end a segment early);
+    a run already in ``out`` is never replaced unless ``overwrite=True``.
+
+    Example:
+        >>> import torch, learnedopt
+        >>> data = (torch.randn(512, 8), torch.randint(0, 3, (512,)))
+        >>> family = learnedopt.ModuleFamily(lambda: torch.nn.Linear(8, 3), data,
+        ...                                  torch.nn.functional.cross_entropy, batch_size=32, name="linear")
+        >>> net = learnedopt.meta_train(family, "/tmp/learnedopt-doctest-mine", iterations=2, horizon=20, unroll=10,
+        ...                             meta_batch=4, eval_tasks=4, progress=False, overwrite=True)
+        >>> opt = learnedopt.LearnedOptimizer(torch.nn.Linear(8, 3).parameters(),
+        ...                                   net="/tmp/learnedopt-doctest-mine/net.pt")
+    """
+    known = {f.name for f in fields(MetaTrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown meta-training settings {unknown}; choose from {', '.join(sorted(known))}")
+    if (Path(out) / "checkpoint.pt").is_file() and not (resume or overwrite):
+        raise FileExistsError(f"{out} already holds a run: pass resume=True, overwrite=True, or another out")
+    trainer = MetaTrainer(family, MetaTrainConfig(**settings), out, resume=resume, progress=progress)
+    return trainer.train(time_budget=time_budget)
 
 
 def _barrier() -> None:
