@@ -23,11 +23,14 @@ Reference: M. Andrychowicz et al., "Learning to learn by gradient descent by gra
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .rules import ParamState, RuleState
 
@@ -143,12 +146,15 @@ class CoordinatewiseLSTM(nn.Module):
         raw, hs, cs = self.step(features, state[0], state[1])
         return raw, (torch.stack(hs), torch.stack(cs))
 
-    def step(self, features: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """:meth:`forward` with the new state as one ``(N, hidden_size)`` tensor per layer (no stacking copy)."""
+    def step(
+        self, features: Tensor, h: Tensor, c: Tensor, fused: bool = True
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """:meth:`forward` with the new state as one ``(N, hidden_size)`` tensor per layer (no stacking copy);
+        ``fused=False`` differentiates the cells op by op (the reference path) instead of with their fused backward."""
         x = features
         new_h, new_c = [], []
         for layer, cell in enumerate(self.cells):
-            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h[layer], c[layer])
+            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h[layer], c[layer], fused)
             new_h.append(x)
             new_c.append(cl)
         return self.head(x), new_h, new_c
@@ -168,21 +174,120 @@ class CoordinatewiseLSTM(nn.Module):
         return torch.where(seen, step * -cfg.output_scale, 0.0)
 
 
-def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
     """``nn.LSTMCell``'s math with one matmul for inputs, state and bias, and one contiguous sigmoid.
 
     On CPUs the stock cell applies sigmoid to strided gate slices, which does not vectorize; computing it over
     the whole contiguous gate matrix (the cell-gate columns are wasted work) is ~1.6x faster per step. The bias
     rides in the matmul as a column of ones: ``addmm`` would first copy the broadcast bias into every row.
+    Under autograd, ``fused=True`` differentiates the cell with :class:`_FusedCell`'s hand-written backward;
+    ``fused=False`` lets autograd record every op (the reference the fused backward is tested against).
     """
-    size = cell.hidden_size
     weight = torch.cat((cell.weight_ih, cell.weight_hh, (cell.bias_ih + cell.bias_hh).unsqueeze(1)), dim=1)
-    gates = torch.mm(torch.cat((x, h, torch.ones_like(h[:, :1])), dim=1), weight.t())
+    if fused and torch.is_grad_enabled():
+        return _FusedCell.apply(weight, x, h, c)
+    new_h, new_c, _ = _cell_math(weight, x, h, c)
+    return new_h, new_c
+
+
+def _cell_math(weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """The cell's forward: ``new_h``, ``new_c`` and what a backward needs (``inputs, sig, candidate, tanh_c``)."""
+    inputs = torch.cat((x, h, torch.ones_like(h[:, :1])), dim=1)
+    gates = torch.mm(inputs, weight.t())
+    new_h, new_c, sig, candidate, tanh_c = _cell_elementwise(gates, c)
+    return new_h, new_c, (inputs, sig, candidate, tanh_c)
+
+
+def _cell_elementwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Everything of the cell after the matmul (the one copy of the LSTM's elementwise math)."""
+    size = c.shape[1]
     sig = torch.sigmoid(gates)  # gate order of nn.LSTMCell: input, forget, cell, output
     candidate = torch.tanh(gates[:, 2 * size : 3 * size])
     new_c = torch.addcmul(sig[:, size : 2 * size] * c, sig[:, :size], candidate)
-    new_h = sig[:, 3 * size :] * torch.tanh(new_c)
-    return new_h, new_c
+    tanh_c = torch.tanh(new_c)
+    return sig[:, 3 * size :] * tanh_c, new_c, sig, candidate, tanh_c
+
+
+def _cell_elementwise_backward(
+    grad_h: Tensor, grad_c: Tensor, c: Tensor, sig: Tensor, candidate: Tensor, tanh_c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The derivative of :func:`_cell_elementwise`: the gates' gradient ``(N, 4H)`` and the old cell's."""
+    size = c.shape[1]
+    i, f, o = sig[:, :size], sig[:, size : 2 * size], sig[:, 3 * size :]
+    grad_c = grad_c + grad_h * o * (1 - tanh_c * tanh_c)  # through new_h = o * tanh(new_c)
+    grad_gates = torch.cat(
+        (
+            grad_c * candidate * i * (1 - i),
+            grad_c * c * f * (1 - f),
+            grad_c * i * (1 - candidate * candidate),
+            grad_h * tanh_c * o * (1 - o),
+        ),
+        dim=1,
+    )
+    return grad_gates, grad_c * f
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` through ``torch.compile`` (one fused loop instead of a pass over memory per op), or ``fn`` itself
+    where compilation is unavailable or fails. Only the row count is dynamic, so chunks of any size share one
+    compilation and the hidden size stays a constant (no guards on coincidences such as ``N == 4 * H``)."""
+    if fn.__name__ not in _COMPILED:
+        compiled = torch.compile(fn, dynamic=False)
+
+        def guarded(*args: Tensor) -> Any:
+            for arg in args:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+            try:
+                return compiled(*args)
+            except Exception as err:  # no C++ compiler, an unsupported platform: eager math, said once
+                warnings.warn(f"learnedopt: torch.compile of the LSTM cell failed ({type(err).__name__}); "
+                              "running it eagerly")
+                _COMPILED[fn.__name__] = fn
+                return fn(*args)
+
+        _COMPILED[fn.__name__] = guarded
+    return _COMPILED[fn.__name__]
+
+
+class _FusedCell(torch.autograd.Function):
+    """The LSTM cell as one autograd node for the differentiable path: its backward runs the elementwise
+    derivative as one compiled loop that writes all four gates' gradients into one ``(N, 4H)`` buffer, then two
+    matmuls, where autograd's record of the eager ops would walk a dozen nodes, each a pass over memory, and
+    allocate a zero-filled ``(N, 4H)`` gradient per gate slice. The forward is the eager math, so the unroll
+    engine's steps equal the in-place optimizer's bit for bit (compiling it gained 15% of its time, not that).
+
+    First-order only (the meta-gradient of truncated backprop, MAML's backward through the inner rule): a second
+    backward through it raises, as ``once_differentiable`` says.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        new_h, new_c, saved = _cell_math(weight, x, h, c)
+        ctx.save_for_backward(weight, c, *saved)
+        ctx.input_width = x.shape[1]
+        return new_h, new_c
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
+        weight, c, inputs, sig, candidate, tanh_c = ctx.saved_tensors
+        size, width = c.shape[1], ctx.input_width
+        tensors = (grad_h, grad_c, c, sig, candidate, tanh_c)
+        if sig.dtype == torch.float32:  # one compiled kernel: float32, dense, no autograd flags (fewer guards)
+            derivative = _compiled(_cell_elementwise_backward)
+            tensors = tuple(t.detach().contiguous() for t in tensors)
+        else:
+            derivative = _cell_elementwise_backward
+        grad_gates, grad_c_old = derivative(*tensors)
+        grad_weight = torch.mm(grad_gates.t(), inputs) if ctx.needs_input_grad[0] else None
+        grad_x = grad_h_old = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_inputs = torch.mm(grad_gates, weight)
+            grad_x, grad_h_old = grad_inputs[:, :width], grad_inputs[:, width : width + size]
+        return grad_weight, grad_x, grad_h_old, grad_c_old if ctx.needs_input_grad[3] else None
 
 
 def _moment_features(
@@ -223,7 +328,9 @@ class LSTMRule:
     ``compile=True`` runs the net through :func:`torch.compile` when autograd is off (the
     :class:`~learnedopt.LearnedOptimizer` path; the differentiable unroll keeps eager mode, which supports
     second-order gradients); it fuses the gate nonlinearities and the cell update and changes results only within
-    float rounding (on a CPU it measured no faster than eager mode: results/performance.md).
+    float rounding (on a CPU it measured no faster than eager mode: results/performance.md). Under autograd the
+    cells are differentiated by a fused, hand-written backward; ``fused=False`` keeps autograd's op-by-op record
+    (the reference, and the baseline in ``benchmarks/meta_train_cost.py``).
 
     Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets a zero update and keeps its previous
     hidden state and moments, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]``
@@ -244,6 +351,7 @@ class LSTMRule:
         state_dtype: torch.dtype | None = None,
         chunk_size: int = 16384,
         compile: bool = False,
+        fused: bool = True,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -251,6 +359,7 @@ class LSTMRule:
         self.state_dtype = state_dtype
         self.chunk_size = chunk_size
         self.compile = compile
+        self.fused = fused
         self._compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]] | None = None
 
     @property
@@ -394,6 +503,8 @@ class LSTMRule:
     def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
         """The net's step, compiled for full chunks when asked (one static shape: no recompiles, no guards on
         sizes); a last, partial chunk and every differentiable call run eagerly."""
+        if torch.is_grad_enabled() and not self.fused:
+            return partial(self.net.step, fused=False)
         if not self.compile or torch.is_grad_enabled() or rows != self.chunk_size:
             return self.net.step
         if self._compiled is None:

@@ -69,7 +69,8 @@ class MetaTrainConfig:
     checkpoint_every: int = 25
     seed: int = 0
     device: str = "cpu"
-    init_net: str | None = None  # start from these weights (a packaged name, net.pt or run folder)
+    init_net: str | None = None  # start from these weights (packaged name, net.pt, run folder); scored first, so
+    # net.pt is never worse on held-out tasks than the net fine-tuning started from
     estimator: str = "tbptt"  # meta-gradient estimator: "tbptt", "es" (antithetic ES) or "pes" (persistent ES)
     es_pairs: int = 8  # antithetic pairs per truncation (es, pes)
     es_sigma: float = 0.01  # standard deviation of the weight perturbations (es, pes)
@@ -336,6 +337,8 @@ class MetaTrainer:
                     writer.add_scalar("imitation/step_mismatch", mismatch, self.imitated)
                     if self.imitated == cfg.imitation:
                         self._save()
+            if cfg.init_net and self.iteration == 0 and not self.history and writer is not None:
+                self._evaluate_and_select(writer, math.nan)  # fine-tuning must beat its starting point
             while self.iteration < cfg.iterations:
                 started = time.perf_counter()
                 meta_loss = self.meta_step()
@@ -350,15 +353,9 @@ class MetaTrainer:
                     writer.add_scalar("meta_loss", meta_loss, self.iteration)
                     writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
                     if evaluating:
-                        scores = self.evaluate()
-                        for key, value in scores.items():
-                            writer.add_scalar(key, value, self.iteration)
-                        self.history.append({"iteration": self.iteration, "horizon": self.horizon, "meta_loss": meta_loss, **scores})
-                        if scores["eval/score"] < self.best_score:
-                            self.best_score = scores["eval/score"]
-                            self._save_net("net.pt")
-                        bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{scores['eval/score']:.3f}")
-                        advance = self._stage_is_done(scores["eval/score"])
+                        score = self._evaluate_and_select(writer, meta_loss)
+                        bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{score:.3f}")
+                        advance = self._stage_is_done(score)
                 if evaluating and self.stage < len(cfg.curriculum) and any_rank(advance, cfg.device):
                     self._next_stage()
                     if writer is not None:
@@ -377,6 +374,17 @@ class MetaTrainer:
             self._save_net("net.pt")
         _barrier()
         return load_net(self.out / "net.pt")
+
+    def _evaluate_and_select(self, writer: Any, meta_loss: float) -> float:
+        """Score the net on held-out tasks, log it, and write ``net.pt`` if it is the best so far."""
+        scores = self.evaluate()
+        for key, value in scores.items():
+            writer.add_scalar(key, value, self.iteration)
+        self.history.append({"iteration": self.iteration, "horizon": self.horizon, "meta_loss": meta_loss, **scores})
+        if scores["eval/score"] < self.best_score:
+            self.best_score = scores["eval/score"]
+            self._save_net("net.pt")
+        return scores["eval/score"]
 
     def _stage_is_done(self, score: float) -> bool:
         """Track the stage's best held-out score; true once it has not improved for ``patience`` evaluations."""

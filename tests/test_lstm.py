@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient
+from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient, unroll
 
 
 def test_preprocessing_matches_hand_computed_values():
@@ -88,3 +88,57 @@ def test_fused_cell_equals_torch_lstm_cell(small_net):
     got_h, got_c = _lstm_cell(cell, x, h, c)
     torch.testing.assert_close(got_h, expected_h)
     torch.testing.assert_close(got_c, expected_c)
+
+
+def test_fused_backward_passes_gradcheck_in_float64(small_net):
+    from learnedopt.lstm import _FusedCell
+
+    torch.manual_seed(0)
+    weight = torch.randn(80, 4 + 20 + 1, dtype=torch.float64, requires_grad=True)
+    x, h, c = (torch.randn(7, n, dtype=torch.float64, requires_grad=True) for n in (4, 20, 20))
+    assert torch.autograd.gradcheck(_FusedCell.apply, (weight, x, h, c))
+    # and through the whole net, with some inputs not needing gradients
+    net = small_net.double()
+    features = torch.randn(5, net.config.input_size, dtype=torch.float64)
+    state = [torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda h, c: tuple(net.step(features, h, c)[0].unbind(1)), state)
+
+
+def test_fused_truncation_gradients_equal_the_op_by_op_reference():
+    """A real meta-training truncation: the same meta-loss and meta-gradient with either backward."""
+    from learnedopt.tasks import ModuleFamily
+
+    data = (torch.randn(512, 12), torch.randint(0, 4, (512,)))
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))  # noqa: E731
+    family = ModuleFamily(make, data, torch.nn.functional.cross_entropy, 32)
+    task = family.sample(3, torch.Generator().manual_seed(0))
+    torch.manual_seed(2)
+    net = CoordinatewiseLSTM(inputs="normalized", output="adam", output_scale=1e-2)
+    for p in net.head.parameters():  # a trained-looking head, so that gradients reach the cells
+        torch.nn.init.normal_(p, std=0.5)
+    results = {}
+    for fused in (True, False):
+        params = task.init_params(torch.Generator().manual_seed(1))
+        out = unroll(task.loss, params, LSTMRule(net, fused=fused, chunk_size=100), None, 8, task.batch,
+                     transform=torch.log)
+        results[fused] = (out.meta_loss.detach(), torch.autograd.grad(out.meta_loss, list(net.parameters())))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)  # the same forward
+    for fused_grad, reference in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(fused_grad, reference, rtol=1e-4, atol=1e-7)
+        assert reference.abs().sum() > 0
+
+
+def test_second_order_maml_through_the_lstm_rule_is_unchanged_by_the_fused_backward():
+    """MAML with the LSTM inner rule back-propagates once through the cells (into the inner gradients' graph)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    net = CoordinatewiseLSTM()
+    grads = {}
+    for fused in (True, False):
+        params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+        loss = lambda p, batch: torch.nn.functional.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
+        out = unroll(loss, params, LSTMRule(net, fused=fused), None, 3, lambda t: None, second_order=True)
+        grads[fused] = torch.autograd.grad(out.meta_loss, list(params.values()))
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
