@@ -275,7 +275,7 @@ class _FusedCell(torch.autograd.Function):
     def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
         weight, c, inputs, sig, candidate, tanh_c = ctx.saved_tensors
         size, width = c.shape[1], ctx.input_width
-        tensors = (grad_h, grad_c, c, sig, candidate, tanh_c)
+        tensors: tuple[Tensor, ...] = (grad_h, grad_c, c, sig, candidate, tanh_c)
         if sig.dtype == torch.float32:  # one compiled kernel: float32, dense, no autograd flags (fewer guards)
             derivative = _compiled(_cell_elementwise_backward)
             tensors = tuple(t.detach().contiguous() for t in tensors)
