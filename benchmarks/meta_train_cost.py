@@ -1,6 +1,13 @@
-"""Cost of meta-training: a batched meta-batch against a Python loop over tasks, and the memory of a truncation.
+"""Cost of meta-training: a truncation against its floor, trainer throughput, batching over tasks, and memory.
 
-    python benchmarks/meta_train_cost.py [--threads 1] [--repeats 3]
+    python benchmarks/meta_train_cost.py [--threads 1] [--repeats 3] [--parts floor trainer batching memory]
+
+Part 0 (``floor``) times one bare truncation of the paper's MNIST MLP (one task, 15,910 coordinates, batch 128,
+20 steps, forward through ``unroll`` with ``LSTMRule`` + ``meta_loss.backward()``) with the LSTM cells'
+op-by-op autograd record (the reference) and with their fused backward, against a floor measured in the same
+run: 3x the LSTM's matmul FLOPs per coordinate-step at the gate-matmul GEMM rate, plus its 200 sigmoid/tanh per
+coordinate-step at the measured ``tanh`` rate. Part 3 (``trainer``) runs ``MetaTrainer.meta_step`` on
+``mnist-mlp`` at meta-batch 8 (horizon = unroll = 20) both ways and reports task-truncations per second.
 
 Part 1 times one truncation (forward unroll + backward into the LSTM's weights) for a whole meta-batch: as one
 batched unroll (what ``meta_train`` runs: every task's coordinates in one LSTM batch, the optimizee batched with
@@ -23,15 +30,18 @@ from pathlib import Path
 
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LSTMRule, unroll
+from learnedopt import CoordinatewiseLSTM, LSTMRule, MetaTrainConfig, MetaTrainer, unroll
 from meta_train.tasks import get_family
+from step import ARCHS, elementwise_rate, gemm_rate, transcendentals_per_coordinate
 
 
-def _truncation(family: str, tasks: int, steps: int, loop: bool, checkpoint: int = 0) -> float:
+def _truncation(
+    family: str, tasks: int, steps: int, loop: bool, checkpoint: int = 0, fused: bool = True, arch: str = "paper"
+) -> float:
     """Seconds for one truncation's forward and backward over ``tasks`` tasks."""
     torch.manual_seed(0)
-    net = CoordinatewiseLSTM()
-    rule = LSTMRule(net)
+    net = ARCHS[arch]()
+    rule = LSTMRule(net, fused=fused)
     task = get_family(family).sample(tasks, torch.Generator().manual_seed(0))
     params = task.init_params(torch.Generator().manual_seed(1))
     start = time.perf_counter()
@@ -47,6 +57,57 @@ def _truncation(family: str, tasks: int, steps: int, loop: bool, checkpoint: int
         out = unroll(task.loss, params, rule, None, steps, task.batch, transform=torch.log, checkpoint=checkpoint)
         out.meta_loss.backward()
     return time.perf_counter() - start
+
+
+def matmul_flops_per_coordinate(net: CoordinatewiseLSTM) -> int:
+    """FLOPs of the matmuls of one coordinate's forward step: each layer's ``[x, h, 1] @ W`` and the head."""
+    hidden, width, total = net.config.hidden_size, net.config.input_size, 0
+    for _ in range(net.config.num_layers):
+        total += 2 * (width + hidden + 1) * 4 * hidden
+        width = hidden
+    return total + 2 * hidden * net.head.out_features
+
+
+def floor_table(args: argparse.Namespace) -> None:
+    """One bare single-task MNIST-MLP truncation, reference and fused backward, against its floor."""
+    print("| net | coordinates x steps | floor | reference (op-by-op backward) | ratio | fused backward | ratio "
+          "| speed-up |\n|---|---|---|---|---|---|---|---|")
+    coordinates, steps = 15_910, 20
+    for arch in ("paper", "general"):
+        net = ARCHS[arch]()
+        rate = gemm_rate(net, coordinates, "cpu")
+        tanh_rate = elementwise_rate(coordinates, net.config.hidden_size, "cpu")
+        per_step = 3 * matmul_flops_per_coordinate(net) / rate + transcendentals_per_coordinate(net) / tanh_rate
+        floor = coordinates * steps * per_step
+        times = {fused: [] for fused in (False, True)}
+        _truncation("mnist-mlp", 1, 2, False, fused=True, arch=arch)  # warm-up (and the fused kernel's compilation)
+        for _ in range(args.repeats):
+            for fused in (False, True):  # interleaved, so that a busy neighbour slows both alike
+                times[fused].append(_truncation("mnist-mlp", 1, steps, False, fused=fused, arch=arch))
+        ref, fused = statistics.median(times[False]), statistics.median(times[True])
+        print(f"| {arch} | {coordinates:,} x {steps} | {floor:.3f} s | {ref:.3f} s | {ref / floor:.2f}x | {fused:.3f} s "
+              f"| {fused / floor:.2f}x | {ref / fused:.2f}x |", flush=True)
+    print(f"\n(gate-matmul GEMM rate {rate / 1e9:.1f} GFLOP/s, tanh {tanh_rate / 1e9:.2f} G/s, measured in this run)")
+
+
+def trainer_table(args: argparse.Namespace) -> None:
+    """Task-truncations per second of ``MetaTrainer.meta_step`` on mnist-mlp at meta-batch 8, both backwards."""
+    print("| net | reference: task-truncations/s | fused: task-truncations/s | speed-up |\n|---|---|---|---|")
+    family = get_family("mnist-mlp")
+    for arch in ("paper", "general"):
+        inputs, output = ("paper", "linear") if arch == "paper" else ("normalized", "adam")
+        config = MetaTrainConfig(iterations=1, horizon=20, unroll=20, meta_batch=8, inputs=inputs, output=output)
+        trainer = MetaTrainer(family, config, "/tmp/learnedopt-meta-train-cost", progress=False)
+        trainer.meta_step()  # warm-up
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for fused in (False, True):
+                trainer.fused = fused
+                started = time.perf_counter()
+                trainer.meta_step()
+                times[fused].append(time.perf_counter() - started)
+        ref, fused = (8 / statistics.median(times[f]) for f in (False, True))
+        print(f"| {arch} | {ref:.2f} | {fused:.2f} | {fused / ref:.2f}x |", flush=True)
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -78,6 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=["floor", "trainer", "batching", "memory"],
+                        default=["floor", "trainer", "batching", "memory"])
     parser.add_argument("--memory-family", default="mnist-mlp")
     parser.add_argument("--memory-tasks", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -90,6 +153,21 @@ def main() -> None:
         return _child(args)
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} torch={torch.__version__}\n")
+    if "floor" in args.parts:
+        floor_table(args)
+    if "trainer" in args.parts:
+        print()
+        trainer_table(args)
+    if "batching" in args.parts:
+        print()
+        batching_table(args)
+    if "memory" in args.parts:
+        print()
+        memory_table(args)
+
+
+def batching_table(args: argparse.Namespace) -> None:
+    """A meta-batch as one batched unroll against a Python loop over its tasks."""
     print("| family | tasks | unroll | loop over tasks: s/truncation | batched: s/truncation | speed-up |")
     print("|---|---|---|---|---|---|")
     for family, tasks in (("quadratic", 128), ("mnist-mlp", 8)):
@@ -99,7 +177,11 @@ def main() -> None:
             times[loop] = statistics.median(_truncation(family, tasks, 20, loop) for _ in range(args.repeats))
         print(f"| {family} | {tasks} | 20 | {times[True]:.3f} | {times[False]:.3f} | {times[True] / times[False]:.1f}x |",
               flush=True)
-    print(f"\nPeak memory added by one truncation ({args.memory_family}, {args.memory_tasks} tasks, forward + backward)\n")
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Peak memory of one truncation, storing every step or recomputing segments (each row in a fresh process)."""
+    print(f"Peak memory added by one truncation ({args.memory_family}, {args.memory_tasks} tasks, forward + backward)\n")
     print("| unroll | stored: peak MB | stored: s | checkpoint 1: peak MB | checkpoint 1: s | saved "
           "| checkpoint 5: peak MB | checkpoint 5: s | saved |")
     print("|---" * 9 + "|")

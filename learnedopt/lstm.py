@@ -282,10 +282,12 @@ class _FusedCell(torch.autograd.Function):
         else:
             derivative = _cell_elementwise_backward
         grad_gates, grad_c_old = derivative(*tensors)
-        grad_weight = torch.mm(grad_gates.t(), inputs) if ctx.needs_input_grad[0] else None
+        # both products as (small x N) results, transposed back as views: ~1.4x the GEMM rate of the direct forms
+        # for these tall-skinny shapes on a CPU (benchmarks/meta_train_cost.py)
+        grad_weight = torch.mm(inputs.t(), grad_gates).t() if ctx.needs_input_grad[0] else None
         grad_x = grad_h_old = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_inputs = torch.mm(grad_gates, weight)
+            grad_inputs = torch.mm(weight.t(), grad_gates.t()).t()
             grad_x, grad_h_old = grad_inputs[:, :width], grad_inputs[:, width : width + size]
         return grad_weight, grad_x, grad_h_old, grad_c_old if ctx.needs_input_grad[3] else None
 

@@ -106,7 +106,8 @@ class MetaTrainer:
     :meth:`evaluate`: selecting by meta-loss would favour early progress over the final loss),
     ``last.pt`` (the latest net) and ``tb/`` (TensorBoard).
 
-    ``family`` must be built on ``config.device``.
+    ``family`` must be built on ``config.device``. ``fused`` (default true) differentiates the LSTM cells with
+    their fused backward; false keeps autograd's op-by-op record (the reference path, for benchmarks).
 
     Example:
         >>> import torch
@@ -125,6 +126,7 @@ class MetaTrainer:
             raise TypeError(f"family must be a task family (e.g. learnedopt.ModuleFamily), got {type(family).__name__}")
         self.out = Path(out)
         self.progress = progress
+        self.fused = True
         self.family = family
         config = replace(
             config,
@@ -225,7 +227,7 @@ class MetaTrainer:
             task = RescaledTask(task, cfg.rescale)
         estimator = self._estimator()
         carry = estimator.start(task.init_params(self.generator))
-        rule = LSTMRule(self.net)
+        rule = LSTMRule(self.net, fused=self.fused)
         meta_params = list(self.net.parameters())
         transform = torch.log if cfg.objective == "log" else None
         total = torch.zeros((), dtype=torch.float64)
