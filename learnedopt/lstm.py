@@ -153,8 +153,10 @@ class CoordinatewiseLSTM(nn.Module):
         ``fused=False`` differentiates the cells op by op (the reference path) instead of with their fused backward."""
         x = features
         new_h, new_c = [], []
-        for layer, cell in enumerate(self.cells):
-            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h[layer], c[layer], fused)
+        # unbind, not h[layer]: its backward stacks the layers' gradients once, where indexing would zero-fill and
+        # accumulate a full (layers, N, hidden) gradient per layer
+        for cell, h_layer, c_layer in zip(self.cells, h.unbind(0), c.unbind(0)):
+            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h_layer, c_layer, fused)
             new_h.append(x)
             new_c.append(cl)
         return self.head(x), new_h, new_c
@@ -456,7 +458,10 @@ class LSTMRule:
         for pieces in self._plan([len(x) for x in features]):
             if len(pieces) == 1:
                 i, rows = pieces[0]
-                inputs = features[i][rows], hs[i][:, rows].to(dtype), cs[i][:, rows].to(dtype)
+                if rows.stop - rows.start == len(features[i]):  # the whole tensor: no slice node for autograd
+                    inputs = features[i], hs[i].to(dtype), cs[i].to(dtype)
+                else:
+                    inputs = features[i][rows], hs[i][:, rows].to(dtype), cs[i][:, rows].to(dtype)
             else:
                 inputs = (
                     torch.cat([features[i][rows] for i, rows in pieces]),
