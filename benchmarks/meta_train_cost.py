@@ -28,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,13 +39,29 @@ from meta_train.tasks import get_family
 from step import ARCHS, elementwise_rate, gemm_rate, transcendentals_per_coordinate
 
 
+class WholeStepCompiled(LSTMRule):
+    """The alternative to the fused cell: the whole differentiable net step through ``torch.compile`` (AOTAutograd
+    derives and fuses the backward), for the comparison in part 0."""
+
+    compiled: dict[int, Any] = {}
+
+    def _step_function(self, rows: int) -> Any:
+        if not torch.is_grad_enabled():
+            return super()._step_function(rows)
+        if id(self.net) not in self.compiled:
+            self.compiled[id(self.net)] = torch.compile(partial(self.net.step, fused=False), dynamic=True)
+        return self.compiled[id(self.net)]
+
+
 def _truncation(
-    family: str, tasks: int, steps: int, loop: bool, checkpoint: int = 0, fused: bool = True, arch: str = "paper"
+    family: str, tasks: int, steps: int, loop: bool, checkpoint: int = 0, fused: bool | str = True,
+    arch: str = "paper", net: CoordinatewiseLSTM | None = None,
 ) -> float:
-    """Seconds for one truncation's forward and backward over ``tasks`` tasks."""
+    """Seconds for one truncation's forward and backward over ``tasks`` tasks (``fused="compiled"``: the whole
+    step compiled instead)."""
     torch.manual_seed(0)
-    net = ARCHS[arch]()
-    rule = LSTMRule(net, fused=fused)
+    net = net or ARCHS[arch]()
+    rule = WholeStepCompiled(net) if fused == "compiled" else LSTMRule(net, fused=bool(fused))
     task = get_family(family).sample(tasks, torch.Generator().manual_seed(0))
     params = task.init_params(torch.Generator().manual_seed(1))
     start = time.perf_counter()
@@ -73,7 +91,7 @@ def matmul_flops_per_coordinate(net: CoordinatewiseLSTM) -> int:
 def floor_table(args: argparse.Namespace) -> None:
     """One bare single-task MNIST-MLP truncation, reference and fused backward, against its floor."""
     print("| net | coordinates x steps | floor | reference (op-by-op backward) | ratio | fused backward | ratio "
-          "| speed-up |\n|---|---|---|---|---|---|---|---|")
+          "| speed-up | whole step compiled | ratio |\n|---|---|---|---|---|---|---|---|---|---|")
     coordinates, steps = 15_910, 20
     for arch in ("paper", "general"):
         net = ARCHS[arch]()
@@ -81,14 +99,16 @@ def floor_table(args: argparse.Namespace) -> None:
         sigmoid_rate = elementwise_rate(coordinates, net.config.hidden_size, "cpu")
         per_step = 3 * matmul_flops_per_coordinate(net) / rate + transcendentals_per_coordinate(net) / sigmoid_rate
         floor = coordinates * steps * per_step
-        times = {fused: [] for fused in (False, True)}
-        _truncation("mnist-mlp", 1, 2, False, fused=True, arch=arch)  # warm-up (and the fused kernel's compilation)
+        variants: tuple[bool | str, ...] = (False, True, "compiled")
+        times: dict[bool | str, list[float]] = {v: [] for v in variants}
+        for variant in variants:  # warm-up, and compilation
+            _truncation("mnist-mlp", 1, 2, False, fused=variant, net=net)
         for _ in range(args.repeats):
-            for fused in (False, True):  # interleaved, so that a busy neighbour slows both alike
-                times[fused].append(_truncation("mnist-mlp", 1, steps, False, fused=fused, arch=arch))
-        ref, fused = statistics.median(times[False]), statistics.median(times[True])
+            for variant in variants:  # interleaved, so that a busy neighbour slows all alike
+                times[variant].append(_truncation("mnist-mlp", 1, steps, False, fused=variant, net=net))
+        ref, fused, whole = (statistics.median(times[v]) for v in variants)
         print(f"| {arch} | {coordinates:,} x {steps} | {floor:.3f} s | {ref:.3f} s | {ref / floor:.2f}x | {fused:.3f} s "
-              f"| {fused / floor:.2f}x | {ref / fused:.2f}x |", flush=True)
+              f"| {fused / floor:.2f}x | {ref / fused:.2f}x | {whole:.3f} s | {whole / floor:.2f}x |", flush=True)
     print(f"\n(gate-matmul GEMM rate {rate / 1e9:.1f} GFLOP/s, sigmoid {sigmoid_rate / 1e9:.2f} G/s, measured in this run)")
 
 

@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few iterations only (what CI runs)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate on the LSTM's weights")
     args = parser.parse_args()
     torch.set_num_threads(1)
     examples, iterations, horizon, steps, scored = (2048, 2, 10, 20, 256) if args.quick else (20_000, 60, 50, 200, 5000)
@@ -79,7 +80,7 @@ def main() -> None:
         family, args.out, iterations=iterations, horizon=horizon, unroll=10 if horizon % 10 == 0 else horizon,
         meta_batch=4, eval_every=iterations if args.quick else 15, eval_tasks=4, eval_lengths=(horizon,) if args.quick else (horizon, 4 * horizon),
         init_net=learnedopt.DEFAULT_NET,
-        meta_lr=1e-3, resume=args.resume, overwrite=not args.resume, progress=not args.quick,
+        meta_lr=args.meta_lr, resume=args.resume, overwrite=not args.resume, progress=not args.quick,
     )
     print(f"meta-trained on {source} in {time.perf_counter() - started:.0f} s: {args.out}/net.pt")
 
