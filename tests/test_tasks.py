@@ -225,3 +225,11 @@ def test_fine_tuning_keeps_its_starting_net_when_training_only_makes_it_worse(tm
     assert [h["iteration"] for h in history] == [0, 2] and history[1]["eval/score"] == float("inf")
     shipped, original = load_net(tmp_path / "net.pt"), load_net(learnedopt.DEFAULT_NET)
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in shipped.state_dict().items())
+
+
+def test_benchmark_command_takes_a_family_by_import_path_too(tmp_path, user_module):
+    args = ["benchmark", "--task", f"{user_module}:make_family", "--net", learnedopt.DEFAULT_NET, "--steps", "5",
+            "--tasks", "8", "--baselines", "Adam", "--out", str(tmp_path / "bench"), "--name", "mine"]
+    assert main(["--threads", "1", *args]) == 0
+    table = (tmp_path / "bench" / "mine.md").read_text()
+    assert "Adam" in table and learnedopt.DEFAULT_NET in table
