@@ -510,9 +510,14 @@ class LSTMRule:
                 new_hs.append(h)
                 new_cs.append(c)
                 continue
-            raws.append(torch.cat([p[0] for p in pieces]))
-            new_hs.append(torch.cat([p[1] for p in pieces], dim=1).to(h.dtype))
-            new_cs.append(torch.cat([p[2] for p in pieces], dim=1).to(c.dtype))
+            if len(pieces) == 1:  # the usual case: no concatenation copy (torch.cat copies even one tensor)
+                raw, h_new, c_new = pieces[0]
+            else:
+                raw = torch.cat([p[0] for p in pieces])
+                h_new, c_new = (torch.cat([p[k] for p in pieces], dim=1) for k in (1, 2))
+            raws.append(raw)
+            new_hs.append(h_new.to(h.dtype))
+            new_cs.append(c_new.to(c.dtype))
         return raws, new_hs, new_cs
 
     def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:

@@ -124,6 +124,10 @@ class MetaTrainer:
     ) -> None:
         if not isinstance(family, TaskFamily):
             raise TypeError(f"family must be a task family (e.g. learnedopt.ModuleFamily), got {type(family).__name__}")
+        family_device = getattr(family, "device", None)
+        if family_device is not None and torch.device(family_device).type != torch.device(config.device).type:
+            raise ValueError(f"the family's tasks live on {family_device} but device={config.device!r}: build the "
+                             f"family with device={config.device!r} too")
         self.out = Path(out)
         self.progress = progress
         self.fused = True

@@ -134,9 +134,11 @@ def test_meta_train_call_trains_resumes_bit_identically_and_its_net_drives_the_o
     assert nn.functional.cross_entropy(model(x), y).item() < before
 
 
-def test_meta_train_call_names_unknown_settings():
+def test_meta_train_call_names_unknown_settings_and_mismatched_devices():
     with pytest.raises(TypeError, match="unknown meta-training settings.*'horizn'"):
         learnedopt.meta_train(family(), "unused", horizn=20)
+    with pytest.raises(ValueError, match="build the family with device='meta'"):
+        learnedopt.meta_train(family(), "unused", device="meta")
 
 
 FACTORIES = """
