@@ -511,13 +511,13 @@ class LSTMRule:
                 new_cs.append(c)
                 continue
             if len(pieces) == 1:  # the usual case: no concatenation copy (torch.cat copies even one tensor)
-                raw, h_new, c_new = pieces[0]
+                raw, h_out, c_out = pieces[0]
             else:
                 raw = torch.cat([p[0] for p in pieces])
-                h_new, c_new = (torch.cat([p[k] for p in pieces], dim=1) for k in (1, 2))
+                h_out, c_out = (torch.cat([p[k] for p in pieces], dim=1) for k in (1, 2))
             raws.append(raw)
-            new_hs.append(h_new.to(h.dtype))
-            new_cs.append(c_new.to(c.dtype))
+            new_hs.append(h_out.to(h.dtype))
+            new_cs.append(c_out.to(c.dtype))
         return raws, new_hs, new_cs
 
     def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
