@@ -142,3 +142,28 @@ def test_second_order_maml_through_the_lstm_rule_is_unchanged_by_the_fused_backw
         grads[fused] = torch.autograd.grad(out.meta_loss, list(params.values()))
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_backward_falls_back_to_eager_math_where_compilation_fails(monkeypatch):
+    """No C++ compiler, an unsupported platform: the same gradients, computed eagerly, and one warning."""
+    import pytest
+
+    import learnedopt.lstm as lstm
+
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(lstm, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    net = CoordinatewiseLSTM()
+    features = torch.randn(6, net.config.input_size)
+    h, c = (torch.randn(2, 6, 20, requires_grad=True) for _ in range(2))
+    with pytest.warns(UserWarning, match="torch.compile of the LSTM cell failed"):
+        fused = torch.autograd.grad(net.step(features, h, c)[0].sum(), (h, c))
+    reference = torch.autograd.grad(net.step(features, h, c, fused=False)[0].sum(), (h, c))
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b)
