@@ -296,9 +296,11 @@ class _FusedCell(torch.autograd.Function):
         # for these tall-skinny shapes on a CPU (benchmarks/meta_train_cost.py)
         grad_weight = torch.mm(inputs.t(), grad_gates).t() if ctx.needs_input_grad[0] else None
         grad_x = grad_h_old = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
             grad_inputs = torch.mm(weight.t(), grad_gates.t()).t()
             grad_x, grad_h_old = grad_inputs[:, :width], grad_inputs[:, width : width + size]
+        elif ctx.needs_input_grad[2]:  # detached features (truncated backprop): only the state's columns
+            grad_h_old = torch.mm(weight[:, width : width + size].t(), grad_gates.t()).t()
         return grad_weight, grad_x, grad_h_old, grad_c_old if ctx.needs_input_grad[3] else None
 
 
