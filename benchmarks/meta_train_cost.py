@@ -55,15 +55,16 @@ class WholeStepCompiled(LSTMRule):
 
 def _truncation(
     family: str, tasks: int, steps: int, loop: bool, checkpoint: int = 0, fused: bool | str = True,
-    arch: str = "paper", net: CoordinatewiseLSTM | None = None,
+    arch: str = "paper", net: CoordinatewiseLSTM | None = None, device: str = "cpu",
 ) -> float:
     """Seconds for one truncation's forward and backward over ``tasks`` tasks (``fused="compiled"``: the whole
     step compiled instead)."""
     torch.manual_seed(0)
-    net = net or ARCHS[arch]()
+    net = (net or ARCHS[arch]()).to(device)
     rule = WholeStepCompiled(net) if fused == "compiled" else LSTMRule(net, fused=bool(fused))
-    task = get_family(family).sample(tasks, torch.Generator().manual_seed(0))
+    task = get_family(family, device=device).sample(tasks, torch.Generator().manual_seed(0))
     params = task.init_params(torch.Generator().manual_seed(1))
+    _sync(device)
     start = time.perf_counter()
     if loop:
         from learnedopt.distributed import TaskShard
@@ -76,7 +77,13 @@ def _truncation(
     else:
         out = unroll(task.loss, params, rule, None, steps, task.batch, transform=torch.log, checkpoint=checkpoint)
         out.meta_loss.backward()
+    _sync(device)
     return time.perf_counter() - start
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def matmul_flops_per_coordinate(net: CoordinatewiseLSTM) -> int:
@@ -95,17 +102,18 @@ def floor_table(args: argparse.Namespace) -> None:
     coordinates, steps = 15_910, 20
     for arch in ("paper", "general"):
         net = ARCHS[arch]()
-        rate = gemm_rate(net, coordinates, "cpu")
-        sigmoid_rate = elementwise_rate(coordinates, net.config.hidden_size, "cpu")
+        rate = gemm_rate(net, coordinates, args.device)
+        sigmoid_rate = elementwise_rate(coordinates, net.config.hidden_size, args.device)
         per_step = 3 * matmul_flops_per_coordinate(net) / rate + transcendentals_per_coordinate(net) / sigmoid_rate
         floor = coordinates * steps * per_step
         variants: tuple[bool | str, ...] = (False, True, "compiled")
         times: dict[bool | str, list[float]] = {v: [] for v in variants}
         for variant in variants:  # warm-up, and compilation
-            _truncation("mnist-mlp", 1, 2, False, fused=variant, net=net)
+            _truncation("mnist-mlp", 1, 2, False, fused=variant, net=net, device=args.device)
         for _ in range(args.repeats):
             for variant in variants:  # interleaved, so that a busy neighbour slows all alike
-                times[variant].append(_truncation("mnist-mlp", 1, steps, False, fused=variant, net=net))
+                times[variant].append(_truncation("mnist-mlp", 1, steps, False, fused=variant, net=net,
+                                                  device=args.device))
         ref, fused, whole = (statistics.median(times[v]) for v in variants)
         print(f"| {arch} | {coordinates:,} x {steps} | {floor:.3f} s | {ref:.3f} s | {ref / floor:.2f}x | {fused:.3f} s "
               f"| {fused / floor:.2f}x | {ref / fused:.2f}x | {whole:.3f} s | {whole / floor:.2f}x |", flush=True)
@@ -115,10 +123,11 @@ def floor_table(args: argparse.Namespace) -> None:
 def trainer_table(args: argparse.Namespace) -> None:
     """Task-truncations per second of ``MetaTrainer.meta_step`` on mnist-mlp at meta-batch 8, both backwards."""
     print("| net | reference: task-truncations/s | fused: task-truncations/s | speed-up |\n|---|---|---|---|")
-    family = get_family("mnist-mlp")
+    family = get_family("mnist-mlp", device=args.device)
     for arch in ("paper", "general"):
         inputs, output = ("paper", "linear") if arch == "paper" else ("normalized", "adam")
-        config = MetaTrainConfig(iterations=1, horizon=20, unroll=20, meta_batch=8, inputs=inputs, output=output)
+        config = MetaTrainConfig(iterations=1, horizon=20, unroll=20, meta_batch=8, inputs=inputs, output=output,
+                                 device=args.device)
         trainer = MetaTrainer(family, config, "/tmp/learnedopt-meta-train-cost", progress=False)
         trainer.meta_step()  # warm-up
         times: dict[bool, list[float]] = {False: [], True: []}
@@ -126,7 +135,7 @@ def trainer_table(args: argparse.Namespace) -> None:
             for fused in (False, True):
                 trainer.fused = fused
                 started = time.perf_counter()
-                trainer.meta_step()
+                trainer.meta_step()  # ends with .item(): synchronized
                 times[fused].append(time.perf_counter() - started)
         ref, fused = (8 / statistics.median(times[f]) for f in (False, True))
         print(f"| {arch} | {ref:.2f} | {fused:.2f} | {fused / ref:.2f}x |", flush=True)
@@ -174,6 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="for the floor and trainer parts (cpu, cuda)")
     parser.add_argument("--parts", nargs="+", choices=["floor", "trainer", "batching", "memory"],
                         default=["floor", "trainer", "batching", "memory"])
     parser.add_argument("--memory-family", default="mnist-mlp")
@@ -187,7 +197,7 @@ def main() -> None:
     if args.child:
         return _child(args)
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads} torch={torch.__version__}\n")
+    print(f"threads={args.threads} torch={torch.__version__} device={args.device}\n")
     if "floor" in args.parts:
         floor_table(args)
     if "trainer" in args.parts:
