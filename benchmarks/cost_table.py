@@ -14,7 +14,6 @@ runs (results/fewshot.md, results/generalization.md: one contended CPU thread), 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import shlex
@@ -36,7 +35,7 @@ from baselines.maml import adapt
 from baselines.models import conv4
 from baselines.omniglot import load_omniglot
 from baselines.protonet import prototype_logits
-from fewshot_baselines import pretrain
+from fewshot_baselines import fine_tuned, pretrain
 from meta_train.reports import hardware
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "results" / "checkpoints"
@@ -66,14 +65,8 @@ def _fine_tuner(body_path: str, make_optimizer: Callable[[Any], torch.optim.Opti
     body.load_state_dict(torch.load(body_path, weights_only=True))
 
     def adapt_one(episode: Episode) -> nn.Module:
-        torch.manual_seed(0)
-        model = nn.Sequential(copy.deepcopy(body), nn.Linear(64, 5))
-        opt = make_optimizer(model.parameters())
-        for _ in range(FINE_TUNE_STEPS):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(episode.support_x), episode.support_y).backward()
-            opt.step()
-        return model
+        torch.manual_seed(0)  # the same head initialization for every optimizer
+        return fine_tuned(body, episode, 5, make_optimizer, FINE_TUNE_STEPS)
 
     return adapt_one, lambda model, episode: model(episode.query_x)
 

@@ -16,6 +16,7 @@ import math
 import shlex
 import sys
 import time
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,15 +34,24 @@ def nearest_neighbour(episode: Episode) -> float:
     return float((predicted == episode.query_y).float().mean())
 
 
-def fine_tune(body: nn.Module, episode: Episode, ways: int, optimizer: str, lr: float, steps: int) -> float:
-    """Train a fresh linear head (and the body) on the support set, then classify the query set."""
+def fine_tuned(
+    body: nn.Module, episode: Episode, ways: int, make_optimizer: Callable[[Any], torch.optim.Optimizer], steps: int
+) -> nn.Module:
+    """A copy of ``body`` with a fresh linear head, trained (head and body) on the support set for ``steps``."""
     model = nn.Sequential(copy.deepcopy(body), nn.LazyLinear(ways))
     model(episode.support_x[:1])  # materialize the lazy head
-    opt = (torch.optim.Adam if optimizer == "Adam" else torch.optim.SGD)(model.parameters(), lr=lr)
+    opt = make_optimizer(model.parameters())
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(episode.support_x), episode.support_y).backward()
         opt.step()
+    return model
+
+
+def fine_tune(body: nn.Module, episode: Episode, ways: int, optimizer: str, lr: float, steps: int) -> float:
+    """Query accuracy after :func:`fine_tuned` with Adam or SGD at ``lr``."""
+    optimizer_class = torch.optim.Adam if optimizer == "Adam" else torch.optim.SGD
+    model = fine_tuned(body, episode, ways, lambda params: optimizer_class(params, lr=lr), steps)
     with torch.no_grad():
         return float((model(episode.query_x).argmax(-1) == episode.query_y).float().mean())
 
