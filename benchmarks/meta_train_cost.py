@@ -36,7 +36,7 @@ import torch
 
 from learnedopt import CoordinatewiseLSTM, LSTMRule, MetaTrainConfig, MetaTrainer, unroll
 from meta_train.tasks import get_family
-from step import ARCHS, elementwise_rate, gemm_rate, transcendentals_per_coordinate
+from step import ARCHS, median_time, elementwise_rate, gemm_rate, transcendentals_per_coordinate
 
 
 class WholeStepCompiled(LSTMRule):
@@ -118,6 +118,22 @@ def floor_table(args: argparse.Namespace) -> None:
         print(f"| {arch} | {coordinates:,} x {steps} | {floor:.3f} s | {ref:.3f} s | {ref / floor:.2f}x | {fused:.3f} s "
               f"| {fused / floor:.2f}x | {ref / fused:.2f}x | {whole:.3f} s | {whole / floor:.2f}x |", flush=True)
     print(f"\n(gate-matmul GEMM rate {rate / 1e9:.1f} GFLOP/s, sigmoid {sigmoid_rate / 1e9:.2f} G/s, measured in this run)")
+    backward_gemm_layouts(coordinates, args.device)
+
+
+def backward_gemm_layouts(rows: int, device: str) -> None:
+    """The fused backward's two products for the second layer's shapes, written directly and as (small x N)
+    results transposed back (what ``_FusedCell.backward`` does)."""
+    inputs, weight = torch.randn(rows, 41, device=device), torch.randn(80, 41, device=device)
+    grad_gates = torch.randn(rows, 80, device=device)
+    forms = {
+        "weight gradient": (lambda: torch.mm(grad_gates.t(), inputs), lambda: torch.mm(inputs.t(), grad_gates).t()),
+        "input gradient": (lambda: torch.mm(grad_gates, weight), lambda: torch.mm(weight.t(), grad_gates.t()).t()),
+    }
+    for name, (direct, transposed) in forms.items():
+        times = [median_time(form, 20, device) for form in (direct, transposed)]
+        print(f"backward {name}, {rows} x 41 x 80: direct {1e3 * times[0]:.2f} ms, as (small x N) transposed "
+              f"{1e3 * times[1]:.2f} ms ({times[0] / times[1]:.2f}x)")
 
 
 def trainer_table(args: argparse.Namespace) -> None:

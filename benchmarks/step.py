@@ -65,7 +65,7 @@ def gemm_rate(net: CoordinatewiseLSTM, rows: int, device: str, repeats: int = 20
         for x, w, out in zip(xs, ws, outs):
             torch.mm(x, w, out=out)
 
-    seconds = _median_time(run, repeats, device)
+    seconds = median_time(run, repeats, device)
     return sum(2 * rows * w * 4 * hidden for w in widths) / seconds
 
 
@@ -74,12 +74,15 @@ def transcendentals_per_coordinate(net: CoordinatewiseLSTM) -> int:
     return net.config.num_layers * 5 * net.config.hidden_size
 
 
-def elementwise_rate(rows: int, hidden: int, device: str, repeats: int = 20) -> float:
-    """``torch.sigmoid`` evaluations per second on a chunk-sized tensor: the cell's only transcendental (it
-    computes tanh as ``2 sigmoid(2x) - 1``; ``torch.tanh`` itself ran ~10x slower on this CPU)."""
+def elementwise_rate(
+    rows: int, hidden: int, device: str, repeats: int = 20, function: Callable[..., torch.Tensor] = torch.sigmoid
+) -> float:
+    """``function`` evaluations per second on a chunk-sized tensor. ``torch.sigmoid`` is the cell's only
+    transcendental (it computes tanh as ``2 sigmoid(2x) - 1``, because ``torch.tanh`` runs far slower on some
+    CPUs: the table's header prints both rates)."""
     x = torch.randn(rows, 4 * hidden, device=device)
     out = torch.empty_like(x)
-    seconds = _median_time(lambda: torch.sigmoid(x, out=out), repeats, device)
+    seconds = median_time(lambda: function(x, out=out), repeats, device)
     return x.numel() / seconds
 
 
@@ -87,7 +90,7 @@ def copy_bandwidth(numel: int, device: str, repeats: int = 5) -> float:
     """Bytes per second read plus written by a large ``copy_`` (the hidden state is far larger than any cache)."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    seconds = _median_time(lambda: dst.copy_(src), repeats, device)
+    seconds = median_time(lambda: dst.copy_(src), repeats, device)
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -96,7 +99,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
+def median_time(fn: Callable[[], object], repeats: int, device: str) -> float:
     fn()  # warm-up: allocates state, compiles
     _sync(device)
     times = []
@@ -149,12 +152,14 @@ def _table(net: CoordinatewiseLSTM, args: argparse.Namespace) -> None:
     flops = lstm_flops_per_coordinate(net)
     rate = gemm_rate(net, args.chunk_size, args.device)
     transcendental_rate = elementwise_rate(args.chunk_size, net.config.hidden_size, args.device)
+    tanh_rate = elementwise_rate(args.chunk_size, net.config.hidden_size, args.device, function=torch.tanh)
     bandwidth = copy_bandwidth(20_000_000, args.device)
     state_dtype = getattr(torch, args.state_dtype)
     print(
         f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} chunk={args.chunk_size} "
         f"compile={args.compile} state_dtype={args.state_dtype}; LSTM FLOPs/coordinate={flops:,}; "
-        f"gate-matmul GEMM rate={rate / 1e9:.1f} GFLOP/s; sigmoid rate={transcendental_rate / 1e9:.2f} G/s; "
+        f"gate-matmul GEMM rate={rate / 1e9:.1f} GFLOP/s; sigmoid rate={transcendental_rate / 1e9:.2f} G/s "
+        f"(torch.tanh: {tanh_rate / 1e9:.2f} G/s); "
         f"copy bandwidth={bandwidth / 1e9:.1f} GB/s"
     )
     print("| parameters | LSTM step | LSTM GFLOP/step | floor | time / floor | Adam(foreach) step | time / Adam "
@@ -164,12 +169,12 @@ def _table(net: CoordinatewiseLSTM, args: argparse.Namespace) -> None:
         params = _params(n, args.device)
         n = sum(p.numel() for p in params)
         adam = torch.optim.Adam(params, lr=1e-3, foreach=True)
-        t_adam = _median_time(adam.step, args.repeats, args.device)
+        t_adam = median_time(adam.step, args.repeats, args.device)
         adam_bytes = _state_bytes(adam) / n
         del adam
         opt = LearnedOptimizer(params, net=net, chunk_size=args.chunk_size, compile=args.compile,
                                state_dtype=state_dtype)
-        t_lstm = _median_time(opt.step, args.repeats, args.device)
+        t_lstm = median_time(opt.step, args.repeats, args.device)
         lstm_bytes = _state_bytes(opt) / n
         del opt
         floor = flops * n / rate

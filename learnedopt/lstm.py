@@ -208,7 +208,7 @@ def _cell_elementwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor,
 
     Both tanh are computed as ``tanh(x) = 2 sigmoid(2x) - 1``: the cell gate's matmul rows come pre-scaled by 2
     (:func:`_lstm_cell`), so its tanh rides on the one sigmoid over all gates. On CPUs ``torch.tanh`` runs ~10x
-    slower than ``torch.sigmoid`` (0.48 vs 4.8 G elements/s here): this made the elementwise part 3x faster.
+    slower than ``torch.sigmoid`` (both rates: ``benchmarks/step.py``).
     """
     size = c.shape[1]
     sig = torch.sigmoid(gates)  # gate order of nn.LSTMCell: input, forget, cell, output
@@ -267,7 +267,7 @@ class _FusedCell(torch.autograd.Function):
     derivative as one compiled loop that writes all four gates' gradients into one ``(N, 4H)`` buffer, then two
     matmuls, where autograd's record of the eager ops would walk a dozen nodes, each a pass over memory, and
     allocate a zero-filled ``(N, 4H)`` gradient per gate slice. The forward is the eager math, so the unroll
-    engine's steps equal the in-place optimizer's bit for bit (compiling it gained 15% of its time, not that).
+    engine's steps equal the in-place optimizer's bit for bit.
 
     First-order only (the meta-gradient of truncated backprop, MAML's backward through the inner rule): a second
     backward through it raises, as ``once_differentiable`` says.
@@ -292,8 +292,8 @@ class _FusedCell(torch.autograd.Function):
         else:
             derivative = _cell_elementwise_backward
         grad_gates, grad_c_old = derivative(*tensors)
-        # both products as (small x N) results, transposed back as views: ~1.4x the GEMM rate of the direct forms
-        # for these tall-skinny shapes on a CPU (benchmarks/meta_train_cost.py)
+        # both products as (small x N) results, transposed back as views: faster than the direct forms for these
+        # tall-skinny shapes on a CPU (measured by benchmarks/meta_train_cost.py --parts floor)
         grad_weight = torch.mm(inputs.t(), grad_gates).t() if ctx.needs_input_grad[0] else None
         grad_x = grad_h_old = None
         if ctx.needs_input_grad[1]:
@@ -342,7 +342,7 @@ class LSTMRule:
     ``compile=True`` runs the net through :func:`torch.compile` when autograd is off (the
     :class:`~learnedopt.LearnedOptimizer` path; the differentiable unroll keeps eager mode, which supports
     second-order gradients); it fuses the gate nonlinearities and the cell update and changes results only within
-    float rounding (on a CPU it measured no faster than eager mode: results/performance.md). Under autograd the
+    float rounding (its CPU speed-up over eager mode: results/performance.md). Under autograd the
     cells are differentiated by a fused, hand-written backward; ``fused=False`` keeps autograd's op-by-op record
     (the reference, and the baseline in ``benchmarks/meta_train_cost.py``).
 
