@@ -8,7 +8,8 @@
 paper's LSTM (log/sign inputs, linear head); ``general`` the default net's (normalized multi-timescale inputs,
 bounded Adam-modulating output), whose extra running moments cost the ``moments`` FLOPs below.
 
-For each size the table gives: the median step time; the LSTM's floating-point operations per step (the
+For each size the table gives: the median step time (the default path: on a CPU the fused C kernel of
+``learnedopt.kernel``); the same step through torch ops (``fused=False``) and the kernel's speed-up over it; the LSTM's floating-point operations per step (the
 gate matmuls, biases, the elementwise cell math with a transcendental counted as one operation, the head and
 the gradient preprocessing); the *floor* = those FLOPs / the GEMM rate of the gate-matmul shape measured in
 this run on this device and thread count (what the step would cost if everything ran as fast as the matmuls);
@@ -162,9 +163,10 @@ def _table(net: CoordinatewiseLSTM, args: argparse.Namespace) -> None:
         f"(torch.tanh: {tanh_rate / 1e9:.2f} G/s); "
         f"copy bandwidth={bandwidth / 1e9:.1f} GB/s"
     )
-    print("| parameters | LSTM step | LSTM GFLOP/step | floor | time / floor | Adam(foreach) step | time / Adam "
-          "| LSTM state bytes/param | Adam state bytes/param | roofline | time / roofline |")
-    print("|---" * 11 + "|")
+    print("| parameters | LSTM step | torch ops (fused=False) | speed-up | LSTM GFLOP/step | floor | time / floor "
+          "| Adam(foreach) step | time / Adam | LSTM state bytes/param | Adam state bytes/param | roofline "
+          "| time / roofline |")
+    print("|---" * 13 + "|")
     for n in args.sizes:
         params = _params(n, args.device)
         n = sum(p.numel() for p in params)
@@ -172,15 +174,18 @@ def _table(net: CoordinatewiseLSTM, args: argparse.Namespace) -> None:
         t_adam = median_time(adam.step, args.repeats, args.device)
         adam_bytes = _state_bytes(adam) / n
         del adam
-        opt = LearnedOptimizer(params, net=net, chunk_size=args.chunk_size, compile=args.compile,
-                               state_dtype=state_dtype)
-        t_lstm = median_time(opt.step, args.repeats, args.device)
-        lstm_bytes = _state_bytes(opt) / n
-        del opt
+        times = {}
+        for fused in (False, None):
+            opt = LearnedOptimizer(params, net=net, chunk_size=args.chunk_size, compile=args.compile,
+                                   state_dtype=state_dtype, fused=fused)
+            times[fused] = median_time(opt.step, args.repeats, args.device)
+            lstm_bytes = _state_bytes(opt) / n
+            del opt
+        t_lstm, t_ops = times[None], times[False]
         floor = flops * n / rate
         roofline = floor + transcendentals_per_coordinate(net) * n / transcendental_rate + 2 * lstm_bytes * n / bandwidth
         print(
-            f"| {n:,} | {t_lstm * 1e3:.2f} ms | {flops * n / 1e9:.3f} | {floor * 1e3:.2f} ms | {t_lstm / floor:.1f}x "
+            f"| {n:,} | {t_lstm * 1e3:.2f} ms | {t_ops * 1e3:.2f} ms | {t_ops / t_lstm:.2f}x | {flops * n / 1e9:.3f} | {floor * 1e3:.2f} ms | {t_lstm / floor:.1f}x "
             f"| {t_adam * 1e3:.2f} ms | {t_lstm / t_adam:.0f}x | {lstm_bytes:.0f} | {adam_bytes:.0f} "
             f"| {roofline * 1e3:.2f} ms | {t_lstm / roofline:.1f}x |",
             flush=True,

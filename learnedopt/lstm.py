@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import kernel as _kernel
 from .rules import ParamState, RuleState
 
 __all__ = ["LSTMConfig", "CoordinatewiseLSTM", "LSTMRule", "preprocess_gradient", "INPUTS", "OUTPUTS"]
@@ -185,14 +186,20 @@ def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor, fused: bool =
     Under autograd, ``fused=True`` differentiates the cell with :class:`_FusedCell`'s hand-written backward;
     ``fused=False`` lets autograd record every op (the reference the fused backward is tested against).
     """
-    weight = torch.cat((cell.weight_ih, cell.weight_hh, (cell.bias_ih + cell.bias_hh).unsqueeze(1)), dim=1)
-    scale = weight.new_ones(len(weight), 1)
-    scale[2 * cell.hidden_size : 3 * cell.hidden_size] = 2.0  # the cell gate's rows: see _cell_elementwise
-    weight = weight * scale
+    weight = _gate_weight(cell)
     if fused and torch.is_grad_enabled():
         return _FusedCell.apply(weight, x, h, c)
     new_h, new_c, _ = _cell_math(weight, x, h, c)
     return new_h, new_c
+
+
+def _gate_weight(cell: nn.LSTMCell) -> Tensor:
+    """``[W_ih, W_hh, b_ih + b_hh]`` ``(4H, in + H + 1)``, the cell gate's rows scaled by 2 (see
+    :func:`_cell_elementwise`): what multiplies ``[x, h, 1]``, for the torch cell and the fused kernel alike."""
+    weight = torch.cat((cell.weight_ih, cell.weight_hh, (cell.bias_ih + cell.bias_hh).unsqueeze(1)), dim=1)
+    scale = weight.new_ones(len(weight), 1)
+    scale[2 * cell.hidden_size : 3 * cell.hidden_size] = 2.0
+    return weight * scale
 
 
 def _cell_math(weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
@@ -346,6 +353,13 @@ class LSTMRule:
     cells are differentiated by a fused, hand-written backward; ``fused=False`` keeps autograd's op-by-op record
     (the reference, and the baseline in ``benchmarks/meta_train_cost.py``).
 
+    ``kernel`` picks how a step without autograd (the optimizer's in-place step, evaluation unrolls under
+    ``torch.no_grad``) runs on a CPU: ``None`` (default) through the fused C kernel of :mod:`learnedopt.kernel`
+    wherever it applies (CPU tensors, a float32 net, a float32 or bfloat16 state) and can be built, else through
+    torch ops; ``True`` requires the kernel (an error says why it cannot run); ``False`` always runs the torch
+    ops, which are the reference: the kernel equals them within float rounding (``tests/test_kernel.py``). A
+    step traced by :func:`torch.compile` always runs the torch ops.
+
     Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets a zero update and keeps its previous
     hidden state and moments, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]``
     counts how many coordinate-steps were skipped this way.
@@ -366,9 +380,11 @@ class LSTMRule:
         chunk_size: int = 16384,
         compile: bool = False,
         fused: bool = True,
+        kernel: bool | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.kernel = kernel
         self.net = net
         self.state_dtype = state_dtype
         self.chunk_size = chunk_size
@@ -410,6 +426,13 @@ class LSTMRule:
         """
         if inplace and torch.is_grad_enabled() and any(s["h"].requires_grad for s in state):
             raise RuntimeError("inplace=True cannot overwrite a hidden state that autograd tracks; use inplace=False")
+        # under torch.compile the torch ops are what gets traced: an opaque C call would break the graph
+        if not torch.is_grad_enabled() and self.kernel is not False and not torch.compiler.is_compiling():
+            libraries = self._kernel_libraries(grads, state)
+            if libraries is not None:
+                if not inplace:  # pure: the kernel updates copies (one pass over the state, still far cheaper)
+                    state = [{k: v.clone() if k in ("h", "c", "m", "v") else v for k, v in s.items()} for s in state]
+                return self._kernel_update(libraries, grads, state, params)
         config = self.net.config
         flat = [g.reshape(-1) for g in grads]
         masks = [torch.isfinite(g) for g in flat]
@@ -450,6 +473,100 @@ class LSTMRule:
             new = {"h": new_hs[i], "c": new_cs[i], "nonfinite": s["nonfinite"] + skipped}
             new_state.append({**new, **(moments[i] if config.uses_moments else {})})
         return updates, new_state
+
+    def _kernel_libraries(self, grads: Sequence[Tensor], state: RuleState) -> dict[torch.dtype, Any] | None:
+        """The fused kernel's library per hidden-state dtype in ``state``, or ``None`` where the kernel does not
+        apply or cannot be built (then ``kernel=True`` raises, saying why)."""
+        config = self.net.config
+        moments = ("m", "v") if config.uses_moments else ()
+        reason = None
+        if any(g.device.type != "cpu" for g in grads):
+            reason = "it runs on CPU tensors only"
+        elif self.compute_dtype != torch.float32:
+            reason = f"it needs a float32 net, this one is {self.compute_dtype}"
+        elif len(config.momentum_decays) > 8:
+            reason = "it supports at most 8 momentum decays"
+        elif any(
+            s["h"].dtype not in (torch.float32, torch.bfloat16) or s["c"].dtype != s["h"].dtype
+            or not (s["h"].is_contiguous() and s["c"].is_contiguous())
+            or any(s[k].dtype != torch.float32 or not s[k].is_contiguous() for k in moments)
+            for s in state
+        ):
+            reason = "it needs a contiguous float32 or bfloat16 hidden state and float32 moments"
+        if reason is None:
+            try:
+                return {dtype: self._kernel_library(dtype) for dtype in {s["h"].dtype for s in state}}
+            except _kernel.KernelUnavailable as err:
+                reason = str(err)
+        if self.kernel:
+            raise RuntimeError(f"the fused CPU step was required (LearnedOptimizer(fused=True), LSTMRule(kernel=True)) "
+                               f"but cannot run: {reason}; leave it at None to fall back to torch ops")
+        return None
+
+    def _kernel_library(self, state_dtype: torch.dtype) -> Any:
+        config = self.net.config
+        gates = 4 * config.hidden_size
+        return _kernel.load(
+            H=config.hidden_size, LAYERS=config.num_layers, NK=len(config.momentum_decays),
+            PAPER=int(config.inputs == "paper"), ADAM=int(config.output == "adam"), OUT=self.net.head.out_features,
+            BF16=int(state_dtype == torch.bfloat16), GP=-(-gates // 16) * 16,
+        )
+
+    def _kernel_update(
+        self, libraries: dict[torch.dtype, Any], grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor]
+    ) -> tuple[list[Tensor], RuleState]:
+        """:meth:`update` in place through the fused kernel, one call per tensor: the same state entries, the
+        same results within float rounding."""
+        config, threads = self.net.config, torch.get_num_threads()
+        weights, head = self._kernel_weights()
+        scalars: dict[float, Tensor] = {}  # per step count: parameters usually share it
+        updates, new_state = [], []
+        for g, s, p in zip(grads, state, params):
+            grad = g.detach().reshape(-1).to(torch.float32).contiguous()
+            update = torch.empty_like(grad)
+            step = s["step"] + 1 if config.uses_moments else None
+            key = float(step) if step is not None else 0.0
+            if key not in scalars:
+                scalars[key] = self._kernel_scalars(step)
+            pointers = [grad, s["h"], s["c"], *((s["m"], s["v"]) if step is not None else (None, None)), update,
+                        weights, head, scalars[key]]
+            args = _kernel.StepArgs(len(grad), *(t.data_ptr() if t is not None else None for t in pointers))
+            # threads only where a call has enough blocks to repay starting them
+            skipped = libraries[s["h"].dtype].lstm_step(args, threads if len(grad) >= 16384 else 1)
+            updates.append(update.reshape(p.shape).to(p.dtype))
+            new = {"h": s["h"], "c": s["c"], "nonfinite": s["nonfinite"] + skipped}
+            new_state.append({**new, **({"m": s["m"], "v": s["v"], "step": step} if step is not None else {})})
+        return updates, new_state
+
+    def _kernel_weights(self) -> tuple[Tensor, Tensor]:
+        """The kernel's weight layout: per layer ``[W_ih, W_hh, b]`` transposed to ``(in + H + 1, GP)`` with the
+        gate columns zero-padded to a multiple of 16 (whole vectors), all layers in one buffer; and the head's
+        ``(outputs, H + 1)`` with its bias last."""
+        gates = 4 * self.net.config.hidden_size
+        padded = -(-gates // 16) * 16
+        layers = []
+        for cell in self.net.cells:
+            weight = _gate_weight(cast(nn.LSTMCell, cell)).detach().t()
+            layers.append(torch.nn.functional.pad(weight, (0, padded - gates)).reshape(-1))
+        head = self.net.head
+        return torch.cat(layers).contiguous(), torch.cat((head.weight, head.bias.unsqueeze(1)), 1).detach().contiguous()
+
+    def _kernel_scalars(self, step: Tensor | None) -> Tensor:
+        """The kernel's float32 constants (``scalars[]`` in ``_lstm_kernel.c``), rounded as the torch path rounds
+        them: the bias corrections come from the same float32 tensor expressions as :func:`_moment_features`."""
+        config = self.net.config
+        k = len(config.momentum_decays)
+        values = torch.zeros(23, dtype=torch.float32)
+        values[:7] = torch.tensor([
+            config.rms_decay, 1.0, config.output_scale, math.log(config.magnitude_range), config.preprocess_p,
+            math.exp(-config.preprocess_p), math.exp(config.preprocess_p),
+        ], dtype=torch.float32)
+        decays = torch.tensor(config.momentum_decays, dtype=torch.float32)
+        values[7 : 7 + k] = decays
+        if step is not None:
+            values[1] = 1 - config.rms_decay**step
+            values[15 : 15 + k] = 1 - decays**step
+        return values
 
     def _chunk_results(
         self, features: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]

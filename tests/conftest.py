@@ -1,5 +1,11 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Compiled kernels go to a fresh folder per run: every run exercises the build, and nothing leaks into ~/.cache.
+os.environ["LEARNEDOPT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="learnedopt-kernels-")
 
 # The suite's tensors are small: one thread avoids OpenMP overhead and oversubscription on 2-core CI machines.
 torch.set_num_threads(1)
