@@ -14,11 +14,13 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define VW 16                          /* floats per vector: one AVX-512 register, two AVX ones, four NEON ones */
 #define NV (GP / VW)                   /* vectors per padded gate row */
 #define IN (PAPER ? 2 : 1 + NK)        /* input features */
+#define XW (H > IN ? H : IN)            /* width of a layer's input buffer */
 #define BLOCK 64                       /* coordinates per block: gates 64 x GP floats stay in the L1/L2 cache */
 #define ROWS 4                         /* rows per register tile of the gate matmul (32..128 and 2..6 measured */
                                        /* within 5% of these on an AVX-512 CPU) */
@@ -83,8 +85,45 @@ typedef struct {
 /* scalars[]: float32 constants of the net and of this step, computed by the caller as the torch path rounds them */
 enum { S_BETA2, S_BIAS2, S_OUTPUT_SCALE, S_LOG_RANGE, S_P, S_THRESHOLD, S_EXP_P, S_DECAYS, S_BIAS1 = S_DECAYS + 8 };
 
+/* One LSTM layer for the rows of a block: gates = [x, h, 1] @ W with ROWS rows in registers, then one sigmoid
+ * over all gates (the cell gate's weights come scaled by 2, so 2 sigmoid - 1 is its tanh), c_new = f c + i g and
+ * tanh(c_new) = 2 sigmoid(2 c_new) - 1, each loop over the whole block so that it vectorizes. `x` has row stride
+ * `x_stride`; rows past `rows` of a partial block are never read. */
+static inline void cell_block(int64_t rows, const float *x, int64_t x_stride, int width, const state_t *h,
+                              const state_t *c, const float *w, float gates[BLOCK][GP], float c_new[BLOCK][H],
+                              float tanh_c[BLOCK][H]) {
+    const vf *wv = (const vf *)w;          /* row k of the transposed weights: NV vectors */
+    for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        vf acc[ROWS][NV];
+        int tile = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
+        for (int t = 0; t < ROWS; t++)
+            for (int j = 0; j < NV; j++) acc[t][j] = wv[(width + H) * NV + j];  /* the bias row */
+        for (int k = 0; k < width; k++)
+            for (int t = 0; t < ROWS; t++) {
+                float xv = t < tile ? x[(r0 + t) * x_stride + k] : 0.0f;
+                for (int j = 0; j < NV; j++) acc[t][j] += xv * wv[k * NV + j];
+            }
+        for (int k = 0; k < H; k++)
+            for (int t = 0; t < ROWS; t++) {
+                float hv = t < tile ? load_state(h[(r0 + t) * H + k]) : 0.0f;
+                for (int j = 0; j < NV; j++) acc[t][j] += hv * wv[(width + k) * NV + j];
+            }
+        for (int t = 0; t < tile; t++)
+            for (int j = 0; j < NV; j++) memcpy(&gates[r0 + t][j * VW], &acc[t][j], sizeof(vf));
+    }
+    float *flat = &gates[0][0];
+    for (int64_t j = 0; j < rows * GP; j++) flat[j] = sigmoid(flat[j]);
+    for (int64_t r = 0; r < rows; r++)
+        for (int j = 0; j < H; j++)
+            c_new[r][j] = gates[r][H + j] * load_state(c[r * H + j])             /* f c + i g, with the */
+                          + gates[r][j] * (2.0f * gates[r][2 * H + j] - 1.0f);   /* candidate g a tanh */
+    const float *c_flat = &c_new[0][0];
+    float *t_flat = &tanh_c[0][0];
+    for (int64_t j = 0; j < rows * H; j++) t_flat[j] = tanh_(c_flat[j]);
+}
+
 static int64_t lstm_block(const args_t *a, int64_t start, int64_t rows) {
-    float x[BLOCK][H > IN ? H : IN];   /* the current layer's input: features, then each layer's new h */
+    float x[BLOCK][XW];   /* the current layer's input: features, then each layer's new h */
     float gates[BLOCK][GP] __attribute__((aligned(64)));
     float c_new[BLOCK][H], tanh_c[BLOCK][H];
     float nominal[BLOCK];
@@ -138,36 +177,7 @@ static int64_t lstm_block(const args_t *a, int64_t start, int64_t rows) {
     for (int layer = 0; layer < LAYERS; layer++) {
         state_t *h = a->h + (int64_t)layer * n * H + start * H;
         state_t *c = a->c + (int64_t)layer * n * H + start * H;
-        const vf *wv = (const vf *)w;          /* row k of the transposed weights: NV vectors */
-        for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {   /* gates = [x, h, 1] @ W, ROWS rows in registers */
-            vf acc[ROWS][NV];
-            int tile = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
-            for (int t = 0; t < ROWS; t++)
-                for (int j = 0; j < NV; j++) acc[t][j] = wv[(width + H) * NV + j];  /* the bias row */
-            for (int k = 0; k < width; k++)
-                for (int t = 0; t < ROWS; t++) {
-                    float xv = t < tile ? x[r0 + t][k] : 0.0f;
-                    for (int j = 0; j < NV; j++) acc[t][j] += xv * wv[k * NV + j];
-                }
-            for (int k = 0; k < H; k++)
-                for (int t = 0; t < ROWS; t++) {
-                    float hv = t < tile ? load_state(h[(r0 + t) * H + k]) : 0.0f;
-                    for (int j = 0; j < NV; j++) acc[t][j] += hv * wv[(width + k) * NV + j];
-                }
-            for (int t = 0; t < tile; t++)
-                for (int j = 0; j < NV; j++) memcpy(&gates[r0 + t][j * VW], &acc[t][j], sizeof(vf));
-        }
-        /* the cell, each loop over the whole block so that it vectorizes: one sigmoid over all gates, tanh as
-         * 2 sigmoid(2x) - 1 (the cell gate's weights come scaled by 2) */
-        float *flat = &gates[0][0];
-        for (int64_t j = 0; j < rows * GP; j++) flat[j] = sigmoid(flat[j]);
-        for (int64_t r = 0; r < rows; r++)
-            for (int j = 0; j < H; j++)
-                c_new[r][j] = gates[r][H + j] * load_state(c[r * H + j])             /* f c + i g, with the */
-                              + gates[r][j] * (2.0f * gates[r][2 * H + j] - 1.0f);   /* candidate g a tanh */
-        const float *c_flat = &c_new[0][0];
-        float *t_flat = &tanh_c[0][0];
-        for (int64_t j = 0; j < rows * H; j++) t_flat[j] = tanh_(c_flat[j]);
+        cell_block(rows, &x[0][0], XW, width, h, c, w, gates, c_new, tanh_c);
         for (int64_t r = 0; r < rows; r++)
             for (int j = 0; j < H; j++) {
                 float h_new = gates[r][3 * H + j] * tanh_c[r][j];
@@ -202,42 +212,177 @@ static int64_t lstm_block(const args_t *a, int64_t start, int64_t rows) {
     return skipped;
 }
 
-typedef struct { const args_t *args; int64_t begin, end, skipped; } range_t;
+/* Runs fn over the blocks of [0, n) on `threads` threads, each taking a contiguous range of whole blocks (a thread
+ * that cannot be started has its range run on the calling thread), so every block's result is the same whatever
+ * the thread count. Thread t accumulates into outs + t * out_size. */
+typedef void (*block_fn)(const void *args, int64_t start, int64_t rows, void *out);
+typedef struct { block_fn fn; const void *args; int64_t begin, end; void *out; } range_t;
 
 static void *run_range(void *p) {
     range_t *range = p;
     for (int64_t start = range->begin; start < range->end; start += BLOCK) {
         int64_t rows = range->end - start < BLOCK ? range->end - start : BLOCK;
-        range->skipped += lstm_block(range->args, start, rows);
+        range->fn(range->args, start, rows, range->out);
     }
     return NULL;
 }
 
-/* The entry point: one tensor's step on `threads` threads, each taking a contiguous range of whole blocks (a
- * thread that cannot be started has its range run on the calling thread). Every coordinate's result is the same
- * whatever the thread count. Returns the number of coordinates skipped for a non-finite gradient. */
-int64_t lstm_step(const args_t *args, int threads) {
-    int64_t blocks = (args->n + BLOCK - 1) / BLOCK;
+static int clamp_threads(int64_t n, int threads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = (int)blocks;
-    if (threads < 1) threads = 1;
+    return threads < 1 ? 1 : threads;
+}
+
+static void parallel_blocks(int64_t n, int threads, block_fn fn, const void *args, char *outs, size_t out_size) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
     range_t ranges[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int t = 0; t < threads; t++) {
-        ranges[t].args = args;
-        ranges[t].skipped = 0;
-        ranges[t].begin = blocks * t / threads * BLOCK;
-        ranges[t].end = blocks * (t + 1) / threads * BLOCK;
-        if (ranges[t].end > args->n) ranges[t].end = args->n;
+        ranges[t] = (range_t){fn, args, blocks * t / threads * BLOCK, blocks * (t + 1) / threads * BLOCK,
+                              outs + t * out_size};
+        if (ranges[t].end > n) ranges[t].end = n;
     }
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_range, &ranges[t]) == 0;
     run_range(&ranges[0]);
-    int64_t skipped = ranges[0].skipped;
     for (int t = 1; t < threads; t++) {
         if (started[t]) pthread_join(ids[t], NULL);
         else run_range(&ranges[t]);
-        skipped += ranges[t].skipped;
     }
-    return skipped;
 }
+
+static void step_block(const void *args, int64_t start, int64_t rows, void *skipped) {
+    *(int64_t *)skipped += lstm_block(args, start, rows);
+}
+
+/* The optimizer's step for one tensor. Returns the number of coordinates skipped for a non-finite gradient. */
+int64_t lstm_step(const args_t *args, int threads) {
+    threads = clamp_threads(args->n, threads);
+    int64_t skipped[MAX_THREADS] = {0}, total = 0;
+    parallel_blocks(args->n, threads, step_block, args, (char *)skipped, sizeof(int64_t));
+    for (int t = 0; t < threads; t++) total += skipped[t];
+    return total;
+}
+
+#if !BF16
+/* One LSTM cell of the differentiable path (meta-training): the forward saves the gates' sigmoids and tanh(c_new)
+ * for the backward, which returns the gradients of the cell's inputs and of its (transposed) gate weights.
+ * Built with a float32 state; the input width must not exceed H (true of every LSTMConfig's layers but for
+ * unusually many input features, which run on torch ops). */
+#define KP (((2 * H) + VW - 1) / VW * VW)   /* the widest [x, h] row, padded to whole vectors */
+#define KV (KP / VW)
+
+typedef struct {
+    int64_t n, width;
+    const float *x, *h, *c;           /* (n, width), (n, H), (n, H) */
+    const float *weights;             /* (width + H + 1, GP): [W_ih, W_hh, b] transposed, as for lstm_step */
+    float *new_h, *new_c, *sig, *tanh_c;   /* out: (n, H), (n, H), (n, 4 H), (n, H) */
+} cell_forward_t;
+
+static void cell_forward_block(const void *p, int64_t start, int64_t rows, void *unused) {
+    const cell_forward_t *a = p;
+    float gates[BLOCK][GP] __attribute__((aligned(64)));
+    float c_new[BLOCK][H], tanh_c[BLOCK][H];
+    (void)unused;
+    cell_block(rows, a->x + start * a->width, a->width, (int)a->width, a->h + start * H, a->c + start * H,
+               a->weights, gates, c_new, tanh_c);
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i = start + r;
+        memcpy(a->sig + i * 4 * H, gates[r], 4 * H * sizeof(float));
+        for (int j = 0; j < H; j++) {
+            a->new_h[i * H + j] = gates[r][3 * H + j] * tanh_c[r][j];
+            a->new_c[i * H + j] = c_new[r][j];
+            a->tanh_c[i * H + j] = tanh_c[r][j];
+        }
+    }
+}
+
+void cell_forward(const cell_forward_t *args, int threads) {
+    threads = clamp_threads(args->n, threads);
+    char unused[MAX_THREADS];
+    parallel_blocks(args->n, threads, cell_forward_block, args, unused, 1);
+}
+
+typedef struct {
+    int64_t n, width;
+    const float *grad_h, *grad_c;     /* (n, H) the new state's gradients */
+    const float *x, *h, *c, *sig, *tanh_c;   /* the forward's inputs and saved tensors */
+    const float *weight_rows;         /* (4 H, KP): [W_ih, W_hh] untransposed, zero-padded */
+    float *grad_weight;               /* out: (width + H + 1, GP), the transposed weights' gradient */
+    float *grad_x, *grad_h_old, *grad_c_old;   /* out, each may be NULL: (n, width), (n, H), (n, H) */
+} cell_backward_t;
+
+static void cell_backward_block(const void *p, int64_t start, int64_t rows, void *out) {
+    const cell_backward_t *a = p;
+    float *grad_weight = out;
+    const int64_t width = a->width;
+    float dg[BLOCK][GP] __attribute__((aligned(64)));   /* the gates' pre-activation gradients */
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t i = start + r;
+        const float *sig = a->sig + i * 4 * H;
+        for (int j = 0; j < H; j++) {
+            float in = sig[j], f = sig[H + j], g = sig[2 * H + j], o = sig[3 * H + j];
+            float t = a->tanh_c[i * H + j], gh = a->grad_h[i * H + j];
+            float gc = a->grad_c[i * H + j] + gh * o * (1.0f - t * t);   /* through new_h = o tanh(new_c) */
+            dg[r][j] = gc * (2.0f * g - 1.0f) * in * (1.0f - in);
+            dg[r][H + j] = gc * a->c[i * H + j] * f * (1.0f - f);
+            dg[r][2 * H + j] = gc * in * 2.0f * g * (1.0f - g);         /* candidate = 2 sigmoid(gate) - 1 */
+            dg[r][3 * H + j] = gh * t * o * (1.0f - o);
+            if (a->grad_c_old) a->grad_c_old[i * H + j] = gc * f;
+        }
+        for (int j = 4 * H; j < GP; j++) dg[r][j] = 0.0f;
+    }
+    if (a->grad_x || a->grad_h_old) {   /* [grad_x, grad_h_old] = dg @ [W_ih, W_hh], ROWS rows in registers */
+        const vf *wr = (const vf *)a->weight_rows;
+        for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+            vf acc[ROWS][KV];
+            int tile = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
+            for (int t = 0; t < ROWS; t++)
+                for (int v = 0; v < KV; v++) acc[t][v] = (vf){0};
+            for (int j = 0; j < 4 * H; j++)
+                for (int t = 0; t < ROWS; t++) {
+                    float d = t < tile ? dg[r0 + t][j] : 0.0f;
+                    for (int v = 0; v < KV; v++) acc[t][v] += d * wr[j * KV + v];
+                }
+            for (int t = 0; t < tile; t++) {
+                float row[KP];
+                memcpy(row, acc[t], sizeof row);
+                const int64_t i = start + r0 + t;
+                if (a->grad_x) memcpy(a->grad_x + i * width, row, width * sizeof(float));
+                if (a->grad_h_old) memcpy(a->grad_h_old + i * H, row + width, H * sizeof(float));
+            }
+        }
+    }
+    const vf *dgv = (const vf *)&dg[0][0];   /* grad_weight[k] += sum over rows of [x, h, 1][k] * dg */
+    for (int64_t k = 0; k < width + H + 1; k++) {
+        vf acc[NV];
+        memcpy(acc, grad_weight + k * GP, sizeof acc);
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t i = start + r;
+            float in = k < width ? a->x[i * width + k] : k < width + H ? a->h[i * H + k - width] : 1.0f;
+            for (int v = 0; v < NV; v++) acc[v] += in * dgv[r * NV + v];
+        }
+        memcpy(grad_weight + k * GP, acc, sizeof acc);
+    }
+}
+
+/* Returns 0, or -1 where the threads' partial weight gradients could not be allocated (nothing was computed). */
+int cell_backward(const cell_backward_t *args, int threads) {
+    threads = clamp_threads(args->n, threads);
+    size_t size = (size_t)(args->width + H + 1) * GP * sizeof(float);
+    char *partials = threads > 1 ? calloc(threads, size) : (char *)args->grad_weight;
+    if (!partials) return -1;
+    if (threads > 1) memcpy(partials, args->grad_weight, size);
+    parallel_blocks(args->n, threads, cell_backward_block, args, partials, size);
+    if (threads > 1) {
+        for (int t = 0; t < threads; t++) {   /* the partial sums, added in thread order */
+            const float *part = (const float *)(partials + t * size);
+            for (size_t e = 0; e < size / sizeof(float); e++)
+                args->grad_weight[e] = t ? args->grad_weight[e] + part[e] : part[e];
+        }
+        free(partials);
+    }
+    return 0;
+}
+#endif

@@ -24,7 +24,7 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["KernelUnavailable", "StepArgs", "load", "cache_dir"]
+__all__ = ["KernelUnavailable", "StepArgs", "CellForward", "CellBackward", "load", "cache_dir"]
 
 SOURCE = Path(__file__).with_name("_lstm_kernel.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
@@ -41,6 +41,24 @@ class StepArgs(ctypes.Structure):
 
     _fields_ = [("n", ctypes.c_int64)] + [
         (name, ctypes.c_void_p) for name in ("grad", "h", "c", "m", "v", "update", "weights", "head", "scalars")
+    ]
+
+
+class CellForward(ctypes.Structure):
+    """``cell_forward_t``: one LSTM cell's forward on the differentiable path (contiguous float32 tensors)."""
+
+    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("x", "h", "c", "weights", "new_h", "new_c", "sig", "tanh_c")
+    ]
+
+
+class CellBackward(ctypes.Structure):
+    """``cell_backward_t``: that cell's backward (the output pointers may be null)."""
+
+    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p)
+        for name in ("grad_h", "grad_c", "x", "h", "c", "sig", "tanh_c", "weight_rows", "grad_weight", "grad_x",
+                     "grad_h_old", "grad_c_old")
     ]
 
 
@@ -108,6 +126,11 @@ def load(**defines: int) -> ctypes.CDLL:
                 library = ctypes.CDLL(str(_build(key)))
                 library.lstm_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
                 library.lstm_step.restype = ctypes.c_int64
+                if not defines.get("BF16"):  # the cell's forward and backward exist in float32-state builds
+                    library.cell_forward.argtypes = [ctypes.POINTER(CellForward), ctypes.c_int]
+                    library.cell_forward.restype = None
+                    library.cell_backward.argtypes = [ctypes.POINTER(CellBackward), ctypes.c_int]
+                    library.cell_backward.restype = ctypes.c_int
                 _LIBRARIES[key] = library
             except (KernelUnavailable, OSError) as err:
                 failure = err if isinstance(err, KernelUnavailable) else KernelUnavailable(f"loading failed: {err}")

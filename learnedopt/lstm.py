@@ -148,16 +148,17 @@ class CoordinatewiseLSTM(nn.Module):
         return raw, (torch.stack(hs), torch.stack(cs))
 
     def step(
-        self, features: Tensor, h: Tensor, c: Tensor, fused: bool = True
+        self, features: Tensor, h: Tensor, c: Tensor, fused: bool = True, kernel: bool = True
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """:meth:`forward` with the new state as one ``(N, hidden_size)`` tensor per layer (no stacking copy);
-        ``fused=False`` differentiates the cells op by op (the reference path) instead of with their fused backward."""
+        ``fused=False`` differentiates the cells op by op (the reference path) instead of with their fused backward,
+        and ``kernel=False`` keeps the fused cell on torch ops where it would run the C kernel."""
         x = features
         new_h, new_c = [], []
         # unbind, not h[layer]: its backward stacks the layers' gradients once, where indexing would zero-fill and
         # accumulate a full (layers, N, hidden) gradient per layer
         for cell, h_layer, c_layer in zip(self.cells, h.unbind(0), c.unbind(0)):
-            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h_layer, c_layer, fused)
+            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h_layer, c_layer, fused, kernel)
             new_h.append(x)
             new_c.append(cl)
         return self.head(x), new_h, new_c
@@ -177,7 +178,9 @@ class CoordinatewiseLSTM(nn.Module):
         return torch.where(seen, step * -cfg.output_scale, 0.0)
 
 
-def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
+def _lstm_cell(
+    cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor, fused: bool = True, kernel: bool = True
+) -> tuple[Tensor, Tensor]:
     """``nn.LSTMCell``'s math with one matmul for inputs, state and bias, and one contiguous sigmoid.
 
     On CPUs the stock cell applies sigmoid to strided gate slices, which does not vectorize; computing it over
@@ -188,7 +191,7 @@ def _lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor, fused: bool =
     """
     weight = _gate_weight(cell)
     if fused and torch.is_grad_enabled():
-        return _FusedCell.apply(weight, x, h, c)
+        return _FusedCell.apply(weight, x, h, c, kernel)
     new_h, new_c, _ = _cell_math(weight, x, h, c)
     return new_h, new_c
 
@@ -269,27 +272,69 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return _COMPILED[fn.__name__]
 
 
+def _cell_kernel(weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> Any | None:
+    """The C library whose ``cell_forward``/``cell_backward`` run this cell, or ``None`` where they do not apply
+    (not float32 CPU tensors, more input features than hidden units, no C compiler): then the torch ops run."""
+    hidden = h.shape[1]
+    tensors = (weight, x, h, c)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or x.shape[1] > hidden:
+        return None
+    try:  # the cell's code depends on the hidden size only; the other constants pick the float32-state build
+        return _kernel.load(H=hidden, LAYERS=1, NK=1, PAPER=0, ADAM=0, OUT=1, BF16=0, GP=_padded(4 * hidden))
+    except _kernel.KernelUnavailable:
+        return None
+
+
+def _padded(width: int) -> int:
+    """``width`` rounded up to whole 16-float vectors (the C kernel's rows)."""
+    return -(-width // 16) * 16
+
+
+def _kernel_threads(rows: int) -> int:
+    """torch's thread count where a call has enough rows to repay starting threads, else 1."""
+    return torch.get_num_threads() if rows >= 16384 else 1
+
+
 class _FusedCell(torch.autograd.Function):
-    """The LSTM cell as one autograd node for the differentiable path: its backward runs the elementwise
-    derivative as one compiled loop that writes all four gates' gradients into one ``(N, 4H)`` buffer, then two
-    matmuls, where autograd's record of the eager ops would walk a dozen nodes, each a pass over memory, and
-    allocate a zero-filled ``(N, 4H)`` gradient per gate slice. The forward is the eager math, so the unroll
-    engine's steps equal the in-place optimizer's bit for bit.
+    """The LSTM cell as one autograd node for the differentiable path (meta-training's hot loop).
+
+    On float32 CPU tensors both directions run the C kernel of :mod:`learnedopt.kernel`: the forward keeps the
+    gates' sigmoids and ``tanh(c_new)`` for the backward, which computes the gates' gradients block by block in
+    cache and multiplies them straight into the inputs' and the weights' gradients. Elsewhere (float64, GPUs,
+    ``kernel=False``) the forward is the eager torch math and the backward one compiled elementwise loop that
+    writes all four gates' gradients into one ``(N, 4H)`` buffer, then two matmuls, where autograd's record of the
+    eager ops would walk a dozen nodes, each a pass over memory. Either way the results equal the op-by-op
+    reference within float rounding (``tests/test_lstm.py``).
 
     First-order only (the meta-gradient of truncated backprop, MAML's backward through the inner rule): a second
     backward through it raises, as ``once_differentiable`` says.
     """
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        new_h, new_c, saved = _cell_math(weight, x, h, c)
-        ctx.save_for_backward(weight, c, *saved)
+    def forward(ctx: Any, weight: Tensor, x: Tensor, h: Tensor, c: Tensor, kernel: bool) -> tuple[Tensor, Tensor]:
         ctx.input_width = x.shape[1]
+        ctx.library = _cell_kernel(weight, x, h, c) if kernel else None
+        if ctx.library is None:
+            new_h, new_c, saved = _cell_math(weight, x, h, c)
+            ctx.save_for_backward(weight, c, *saved)
+            return new_h, new_c
+        x, h, c = (t.contiguous() for t in (x, h, c))
+        rows, hidden = h.shape
+        gates = 4 * hidden
+        transposed = torch.nn.functional.pad(weight.t(), (0, _padded(gates) - gates)).contiguous()
+        new_h, new_c, tanh_c = (h.new_empty(rows, hidden) for _ in range(3))
+        sig = h.new_empty(rows, gates)
+        tensors = (x, h, c, transposed, new_h, new_c, sig, tanh_c)
+        ctx.library.cell_forward(_kernel.CellForward(rows, x.shape[1], *(t.data_ptr() for t in tensors)),
+                                 _kernel_threads(rows))
+        ctx.save_for_backward(weight, x, h, c, sig, tanh_c)
         return new_h, new_c
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.library is not None:
+            return (*_FusedCell._kernel_backward(ctx, grad_h, grad_c), None)
         weight, c, inputs, sig, candidate, tanh_c = ctx.saved_tensors
         size, width = c.shape[1], ctx.input_width
         tensors: tuple[Tensor, ...] = (grad_h, grad_c, c, sig, candidate, tanh_c)
@@ -308,7 +353,25 @@ class _FusedCell(torch.autograd.Function):
             grad_x, grad_h_old = grad_inputs[:, :width], grad_inputs[:, width : width + size]
         elif ctx.needs_input_grad[2]:  # detached features (truncated backprop): only the state's columns
             grad_h_old = torch.mm(weight[:, width : width + size].t(), grad_gates.t()).t()
-        return grad_weight, grad_x, grad_h_old, grad_c_old if ctx.needs_input_grad[3] else None
+        return grad_weight, grad_x, grad_h_old, grad_c_old if ctx.needs_input_grad[3] else None, None
+
+    @staticmethod
+    def _kernel_backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
+        weight, x, h, c, sig, tanh_c = ctx.saved_tensors
+        rows, hidden = h.shape
+        width, gates = x.shape[1], 4 * hidden
+        needs = ctx.needs_input_grad
+        weight_rows = torch.nn.functional.pad(weight[:, : width + hidden], (0, _padded(2 * hidden) - width - hidden))
+        grad_weight = h.new_zeros(width + hidden + 1, _padded(gates))
+        grad_x = h.new_empty(rows, width) if needs[1] else None
+        grad_h_old = h.new_empty(rows, hidden) if needs[2] else None
+        grad_c_old = h.new_empty(rows, hidden) if needs[3] else None
+        tensors = (grad_h.contiguous(), grad_c.contiguous(), x, h, c, sig, tanh_c, weight_rows.contiguous(),
+                   grad_weight, grad_x, grad_h_old, grad_c_old)
+        args = _kernel.CellBackward(rows, width, *(t.data_ptr() if t is not None else None for t in tensors))
+        if ctx.library.cell_backward(args, _kernel_threads(rows)) != 0:
+            raise MemoryError("the LSTM cell's backward could not allocate its threads' weight-gradient buffers")
+        return grad_weight[:, :gates].t() if needs[0] else None, grad_x, grad_h_old, grad_c_old
 
 
 def _moment_features(
@@ -517,7 +580,7 @@ class LSTMRule:
     ) -> tuple[list[Tensor], RuleState]:
         """:meth:`update` in place through the fused kernel, one call per tensor: the same state entries, the
         same results within float rounding."""
-        config, threads = self.net.config, torch.get_num_threads()
+        config = self.net.config
         weights, head = self._kernel_weights()
         scalars: dict[float, Tensor] = {}  # per step count: parameters usually share it
         updates, new_state = [], []
@@ -531,8 +594,7 @@ class LSTMRule:
             pointers = [grad, s["h"], s["c"], *((s["m"], s["v"]) if step is not None else (None, None)), update,
                         weights, head, scalars[key]]
             args = _kernel.StepArgs(len(grad), *(t.data_ptr() if t is not None else None for t in pointers))
-            # threads only where a call has enough blocks to repay starting them
-            skipped = libraries[s["h"].dtype].lstm_step(args, threads if len(grad) >= 16384 else 1)
+            skipped = libraries[s["h"].dtype].lstm_step(args, _kernel_threads(len(grad)))
             updates.append(update.reshape(p.shape).to(p.dtype))
             new = {"h": s["h"], "c": s["c"], "nonfinite": s["nonfinite"] + skipped}
             new_state.append({**new, **({"m": s["m"], "v": s["v"], "step": step} if step is not None else {})})
@@ -642,8 +704,8 @@ class LSTMRule:
     def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
         """The net's step, compiled for full chunks when asked (one static shape: no recompiles, no guards on
         sizes); a last, partial chunk and every differentiable call run eagerly."""
-        if torch.is_grad_enabled() and not self.fused:
-            return partial(self.net.step, fused=False)
+        if torch.is_grad_enabled():
+            return partial(self.net.step, fused=self.fused, kernel=self.kernel is not False)
         if not self.compile or torch.is_grad_enabled() or rows != self.chunk_size:
             return self.net.step
         if self._compiled is None:

@@ -1,5 +1,7 @@
 import math
+import shutil
 
+import pytest
 import torch
 
 from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient, unroll
@@ -96,7 +98,7 @@ def test_fused_backward_passes_gradcheck_in_float64(small_net):
     torch.manual_seed(0)
     weight = torch.randn(80, 4 + 20 + 1, dtype=torch.float64, requires_grad=True)
     x, h, c = (torch.randn(7, n, dtype=torch.float64, requires_grad=True) for n in (4, 20, 20))
-    assert torch.autograd.gradcheck(_FusedCell.apply, (weight, x, h, c))
+    assert torch.autograd.gradcheck(lambda *inputs: _FusedCell.apply(*inputs, True), (weight, x, h, c))
     # and through the whole net, with some inputs not needing gradients
     net = small_net.double()
     features = torch.randn(5, net.config.input_size, dtype=torch.float64)
@@ -104,8 +106,10 @@ def test_fused_backward_passes_gradcheck_in_float64(small_net):
     assert torch.autograd.gradcheck(lambda h, c: tuple(net.step(features, h, c)[0].unbind(1)), state)
 
 
-def test_fused_truncation_gradients_equal_the_op_by_op_reference():
-    """A real meta-training truncation: the same meta-loss and meta-gradient with either backward."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_fused_truncation_gradients_equal_the_op_by_op_reference(kernel):
+    """A real meta-training truncation: the same meta-loss and meta-gradient with the fused cell (on the C kernel,
+    or on torch ops with the compiled backward) and with autograd's op-by-op record."""
     from learnedopt.tasks import ModuleFamily
 
     data = (torch.randn(512, 12), torch.randint(0, 4, (512,)))
@@ -119,13 +123,42 @@ def test_fused_truncation_gradients_equal_the_op_by_op_reference():
     results = {}
     for fused in (True, False):
         params = task.init_params(torch.Generator().manual_seed(1))
-        out = unroll(task.loss, params, LSTMRule(net, fused=fused, chunk_size=100), None, 8, task.batch,
-                     transform=torch.log)
+        rule = LSTMRule(net, fused=fused, chunk_size=100, kernel=None if kernel else False)
+        out = unroll(task.loss, params, rule, None, 8, task.batch, transform=torch.log)
         results[fused] = (out.meta_loss.detach(), torch.autograd.grad(out.meta_loss, list(net.parameters())))
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)  # the same forward
+    # the torch forward is the same math as the reference; the kernel's sums run in another order
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6 if kernel else 0, atol=0)
     for fused_grad, reference in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(fused_grad, reference, rtol=1e-4, atol=1e-7)
         assert reference.abs().sum() > 0
+
+
+@pytest.mark.skipif(not shutil.which("cc") and not shutil.which("gcc"), reason="no C compiler for the kernel")
+@pytest.mark.parametrize("rows, width, threads", [(7, 4, 1), (200, 20, 1), (40_000, 4, 2)])
+def test_kernel_cell_equals_the_torch_cell(rows, width, threads):
+    """The C cell (forward and backward, one and two threads, a partial last block) against the torch cell, for
+    every subset of inputs that needs a gradient."""
+    from learnedopt.lstm import _FusedCell, _cell_kernel
+
+    torch.manual_seed(0)
+    weight = torch.randn(80, width + 21) * 0.5
+    inputs = [torch.randn(rows, k) for k in (width, 20, 20)]
+    assert _cell_kernel(weight, *inputs) is not None  # the kernel path does run here
+    torch.set_num_threads(threads)
+    try:
+        for needs in ((True, True, True, True), (True, False, True, True), (False, False, True, False)):
+            results = {}
+            for kernel in (True, False):
+                leaves = [t.clone().requires_grad_(need) for t, need in zip([weight, *inputs], needs)]
+                new_h, new_c = _FusedCell.apply(*leaves, kernel)
+                upstream = torch.randn(rows, 20, generator=torch.Generator().manual_seed(1))
+                loss = (new_h * upstream).sum() + (new_c * upstream.flip(0)).sum()
+                grads = torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+                results[kernel] = (new_h, new_c, *grads)
+            for got, expected in zip(results[True], results[False]):  # sums over rows: rounding grows with them
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(expected.detach().abs().max())))
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_second_order_maml_through_the_lstm_rule_is_unchanged_by_the_fused_backward():
@@ -163,7 +196,7 @@ def test_fused_backward_falls_back_to_eager_math_where_compilation_fails(monkeyp
     features = torch.randn(6, net.config.input_size)
     h, c = (torch.randn(2, 6, 20, requires_grad=True) for _ in range(2))
     with pytest.warns(UserWarning, match="torch.compile of the LSTM cell failed"):
-        fused = torch.autograd.grad(net.step(features, h, c)[0].sum(), (h, c))
+        fused = torch.autograd.grad(net.step(features, h, c, kernel=False)[0].sum(), (h, c))  # the torch cell
     reference = torch.autograd.grad(net.step(features, h, c, fused=False)[0].sum(), (h, c))
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b)

@@ -147,7 +147,7 @@ def test_step_and_unroll_engine_give_identical_updates(small_net):
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     loss_fn = learnedopt.module_loss(model, nn.functional.mse_loss)
-    rule = learnedopt.LSTMRule(small_net)
+    rule = learnedopt.LSTMRule(small_net, kernel=False)
     out = learnedopt.unroll(loss_fn, engine_params, rule, None, 3, lambda t: batches[t])
     for name, p in model.named_parameters():
         assert torch.equal(out.params[name].detach(), p.detach()), name
