@@ -291,7 +291,7 @@ def _padded(width: int) -> int:
 
 
 def _kernel_threads(rows: int) -> int:
-    """torch's thread count where a call has enough rows to repay starting threads, else 1."""
+    """The in-place step's threads: torch's thread count where a call has enough rows to repay starting them."""
     return torch.get_num_threads() if rows >= 16384 else 1
 
 
@@ -325,8 +325,9 @@ class _FusedCell(torch.autograd.Function):
         new_h, new_c, tanh_c = (h.new_empty(rows, hidden) for _ in range(3))
         sig = h.new_empty(rows, gates)
         tensors = (x, h, c, transposed, new_h, new_c, sig, tanh_c)
-        ctx.library.cell_forward(_kernel.CellForward(rows, x.shape[1], *(t.data_ptr() for t in tensors)),
-                                 _kernel_threads(rows))
+        # one thread: between the unroll's torch ops, torch's OpenMP workers still spin on the other cores, and
+        # threads started here measured slower (benchmarks/meta_train_cost.py at --threads 2)
+        ctx.library.cell_forward(_kernel.CellForward(rows, x.shape[1], *(t.data_ptr() for t in tensors)), 1)
         ctx.save_for_backward(weight, x, h, c, sig, tanh_c)
         return new_h, new_c
 
@@ -369,7 +370,7 @@ class _FusedCell(torch.autograd.Function):
         tensors = (grad_h.contiguous(), grad_c.contiguous(), x, h, c, sig, tanh_c, weight_rows.contiguous(),
                    grad_weight, grad_x, grad_h_old, grad_c_old)
         args = _kernel.CellBackward(rows, width, *(t.data_ptr() if t is not None else None for t in tensors))
-        if ctx.library.cell_backward(args, _kernel_threads(rows)) != 0:
+        if ctx.library.cell_backward(args, 1) != 0:
             raise MemoryError("the LSTM cell's backward could not allocate its threads' weight-gradient buffers")
         return grad_weight[:, :gates].t() if needs[0] else None, grad_x, grad_h_old, grad_c_old
 
@@ -713,23 +714,26 @@ class LSTMRule:
         return self._compiled
 
     def _plan(self, sizes: Sequence[int]) -> list[list[tuple[int, slice]]]:
-        """Split the concatenation of all tensors' coordinates into chunks of ``chunk_size`` rows.
+        """Split all tensors' coordinates into chunks of at most ``chunk_size`` rows.
 
-        Each chunk is a list of ``(tensor index, row range)`` pieces: one piece where a chunk lies inside one
-        tensor (its rows are then views, with no copy), several where small tensors share a chunk.
+        Each chunk is a list of ``(tensor index, row range)`` pieces. A tensor of at least ``chunk_size // 4``
+        coordinates gets chunks of its own, each a single piece whose rows are views (no copy in, no copy out);
+        smaller tensors are packed together, several pieces per chunk, so that a model with hundreds of biases
+        costs a few LSTM calls.
         """
         chunks: list[list[tuple[int, slice]]] = []
         current: list[tuple[int, slice]] = []
         filled = 0
         for index, n in enumerate(sizes):
-            start = 0
-            while start < n:
-                take = min(n - start, self.chunk_size - filled)
-                current.append((index, slice(start, start + take)))
-                filled, start = filled + take, start + take
-                if filled == self.chunk_size:
-                    chunks.append(current)
-                    current, filled = [], 0
+            if n >= max(self.chunk_size // 4, 1):
+                chunks.extend([(index, slice(s, min(s + self.chunk_size, n)))] for s in range(0, n, self.chunk_size))
+                continue
+            if n and filled + n > self.chunk_size:
+                chunks.append(current)
+                current, filled = [], 0
+            if n:
+                current.append((index, slice(0, n)))
+                filled += n
         if current:
             chunks.append(current)
         return chunks

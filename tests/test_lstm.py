@@ -58,7 +58,9 @@ def test_flat_batching_does_not_change_results(small_net):
     alone = LSTMRule(small_net, chunk_size=10**6)
     expected = [alone.update([x], alone.init([p]), [p]) for x, p in zip(g, params)]
     small = LSTMRule(small_net, chunk_size=64)
-    assert len(small._plan([x.numel() for x in g])) == -(-sum(x.numel() for x in g) // 64)
+    plan = small._plan([x.numel() for x in g])  # tensors of >= 16 rows get their own chunks, the rest share one
+    assert [[i for i, _ in chunk] for chunk in plan] == [[0]] * 16 + [[1], [4], [4], [3, 5]]
+    assert all(rows.stop - rows.start <= 64 for chunk in plan for _, rows in chunk)
     for grad_mode in (True, False):  # the unroll engine's path, then the optimizer's in-place path
         with torch.set_grad_enabled(grad_mode):
             updates, state = small.update(g, small.init(params), params)
