@@ -126,13 +126,13 @@ static int64_t lstm_block(const args_t *a, int64_t start, int64_t rows) {
     float x[BLOCK][XW];   /* the current layer's input: features, then each layer's new h */
     float gates[BLOCK][GP] __attribute__((aligned(64)));
     float c_new[BLOCK][H], tanh_c[BLOCK][H];
-    float nominal[BLOCK];
-    int valid[BLOCK], seen[BLOCK];
+    float nominal[BLOCK] __attribute__((unused));   /* used by moment nets */
+    int valid[BLOCK], seen[BLOCK] __attribute__((unused));
     const float *s = a->scalars;
     const int64_t n = a->n;
 
     /* the features, each loop over the rows of the block so that it vectorizes */
-    float g[BLOCK], scale[BLOCK];
+    float g[BLOCK];
     for (int64_t r = 0; r < rows; r++) {
         float grad = a->grad[start + r];
         valid[r] = grad - grad == 0.0f;         /* false for NaN and +-Inf (isfinite would block vectorization) */
@@ -147,6 +147,7 @@ static int64_t lstm_block(const args_t *a, int64_t start, int64_t rows) {
     }
 #endif
 #if !PAPER || ADAM
+    float scale[BLOCK];
     float *v = a->v + start;
     for (int64_t r = 0; r < rows; r++) {
         float v_new = valid[r] ? lerp(g[r] * g[r], v[r], s[S_BETA2]) : v[r];   /* a skipped coordinate keeps */

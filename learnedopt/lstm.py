@@ -144,24 +144,30 @@ class CoordinatewiseLSTM(nn.Module):
         return zeros, zeros.clone()
 
     def forward(self, features: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        raw, hs, cs = self.step(features, state[0], state[1])
-        return raw, (torch.stack(hs), torch.stack(cs))
+        raw, h, c = self.step(features, state[0], state[1])
+        return raw, (h, c)
 
     def step(
         self, features: Tensor, h: Tensor, c: Tensor, fused: bool = True, kernel: bool = True
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """:meth:`forward` with the new state as one ``(N, hidden_size)`` tensor per layer (no stacking copy);
-        ``fused=False`` differentiates the cells op by op (the reference path) instead of with their fused backward,
-        and ``kernel=False`` keeps the fused cell on torch ops where it would run the C kernel."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` as ``(raw, new_h, new_c)``. Under autograd, ``fused=False`` differentiates the cells op by
+        op (the reference path) instead of with their fused backward, and ``kernel=False`` keeps the fused cells on
+        torch ops where all layers would run as one C-kernel node (:class:`_FusedLSTM`)."""
+        weights = [_gate_weight(cast(nn.LSTMCell, cell)) for cell in self.cells]
+        if fused and kernel and torch.is_grad_enabled():
+            library = _cell_kernel(weights, features, h, c)
+            if library is not None:
+                new_h, new_c = _FusedLSTM.apply(library, features, h, c, *weights)
+                return self.head(new_h[-1]), new_h, new_c
         x = features
-        new_h, new_c = [], []
+        hs, cs = [], []
         # unbind, not h[layer]: its backward stacks the layers' gradients once, where indexing would zero-fill and
         # accumulate a full (layers, N, hidden) gradient per layer
-        for cell, h_layer, c_layer in zip(self.cells, h.unbind(0), c.unbind(0)):
-            x, cl = _lstm_cell(cast(nn.LSTMCell, cell), x, h_layer, c_layer, fused, kernel)
-            new_h.append(x)
-            new_c.append(cl)
-        return self.head(x), new_h, new_c
+        for weight, h_layer, c_layer in zip(weights, h.unbind(0), c.unbind(0)):
+            x, cl = _lstm_cell(weight, x, h_layer, c_layer, fused)
+            hs.append(x)
+            cs.append(cl)
+        return self.head(x), torch.stack(hs), torch.stack(cs)
 
     def to_update(self, raw: Tensor, nominal: Tensor | None, seen: Tensor | None) -> Tensor:
         """The additive update ``(N,)`` from the head's raw outputs (see the module docstring for the maps).
@@ -178,10 +184,9 @@ class CoordinatewiseLSTM(nn.Module):
         return torch.where(seen, step * -cfg.output_scale, 0.0)
 
 
-def _lstm_cell(
-    cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor, fused: bool = True, kernel: bool = True
-) -> tuple[Tensor, Tensor]:
-    """``nn.LSTMCell``'s math with one matmul for inputs, state and bias, and one contiguous sigmoid.
+def _lstm_cell(weight: Tensor, x: Tensor, h: Tensor, c: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
+    """``nn.LSTMCell``'s math (``weight`` from :func:`_gate_weight`) with one matmul for inputs, state and bias,
+    and one contiguous sigmoid.
 
     On CPUs the stock cell applies sigmoid to strided gate slices, which does not vectorize; computing it over
     the whole contiguous gate matrix (the cell-gate columns are wasted work) is ~1.6x faster per step. The bias
@@ -189,9 +194,8 @@ def _lstm_cell(
     Under autograd, ``fused=True`` differentiates the cell with :class:`_FusedCell`'s hand-written backward;
     ``fused=False`` lets autograd record every op (the reference the fused backward is tested against).
     """
-    weight = _gate_weight(cell)
     if fused and torch.is_grad_enabled():
-        return _FusedCell.apply(weight, x, h, c, kernel)
+        return _FusedCell.apply(weight, x, h, c)
     new_h, new_c, _ = _cell_math(weight, x, h, c)
     return new_h, new_c
 
@@ -272,12 +276,12 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return _COMPILED[fn.__name__]
 
 
-def _cell_kernel(weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> Any | None:
-    """The C library whose ``cell_forward``/``cell_backward`` run this cell, or ``None`` where they do not apply
+def _cell_kernel(weights: Sequence[Tensor], features: Tensor, h: Tensor, c: Tensor) -> Any | None:
+    """The C library whose ``cell_forward``/``cell_backward`` run these layers, or ``None`` where they do not apply
     (not float32 CPU tensors, more input features than hidden units, no C compiler): then the torch ops run."""
-    hidden = h.shape[1]
-    tensors = (weight, x, h, c)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or x.shape[1] > hidden:
+    hidden = h.shape[-1]
+    tensors = (*weights, features, h, c)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or features.shape[1] > hidden:
         return None
     try:  # the cell's code depends on the hidden size only; the other constants pick the float32-state build
         return _kernel.load(H=hidden, LAYERS=1, NK=1, PAPER=0, ADAM=0, OUT=1, BF16=0, GP=_padded(4 * hidden))
@@ -295,47 +299,90 @@ def _kernel_threads(rows: int) -> int:
     return torch.get_num_threads() if rows >= 16384 else 1
 
 
-class _FusedCell(torch.autograd.Function):
-    """The LSTM cell as one autograd node for the differentiable path (meta-training's hot loop).
+class _FusedLSTM(torch.autograd.Function):
+    """One step of every LSTM layer as one autograd node on the C kernel (float32 CPU tensors): the
+    differentiable path's hot loop in meta-training.
 
-    On float32 CPU tensors both directions run the C kernel of :mod:`learnedopt.kernel`: the forward keeps the
-    gates' sigmoids and ``tanh(c_new)`` for the backward, which computes the gates' gradients block by block in
-    cache and multiplies them straight into the inputs' and the weights' gradients. Elsewhere (float64, GPUs,
-    ``kernel=False``) the forward is the eager torch math and the backward one compiled elementwise loop that
+    The forward writes each layer's new state straight into the stacked ``(layers, N, H)`` outputs and keeps
+    the gates' sigmoids and ``tanh(c_new)``; the backward walks the layers in reverse, computing each layer's gate
+    gradients block by block in cache and multiplying them straight into the gradients of its inputs, its state
+    and its weights. No per-layer stacking or concatenation copies, no autograd node per op. Equals the op-by-op
+    reference within float rounding (``tests/test_lstm.py``). First-order only, as :class:`_FusedCell`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, library: Any, features: Tensor, h: Tensor, c: Tensor, *weights: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        layers, rows, hidden = h.shape
+        features, h, c = features.contiguous(), h.contiguous(), c.contiguous()
+        new_h, new_c, tanh_c = (h.new_empty(layers, rows, hidden) for _ in range(3))
+        sig = h.new_empty(layers, rows, 4 * hidden)
+        x = features
+        for layer, weight in enumerate(weights):
+            transposed = torch.nn.functional.pad(weight.t(), (0, _padded(4 * hidden) - 4 * hidden)).contiguous()
+            tensors = (x, h[layer], c[layer], transposed, new_h[layer], new_c[layer], sig[layer], tanh_c[layer])
+            # one thread: between the unroll's torch ops, torch's OpenMP workers still spin on the other cores, and
+            # threads started here measured slower (benchmarks/meta_train_cost.py at --threads 2)
+            library.cell_forward(_kernel.CellForward(rows, x.shape[1], *(t.data_ptr() for t in tensors)), 1)
+            x = new_h[layer]
+        ctx.library = library
+        ctx.save_for_backward(features, h, c, new_h, sig, tanh_c, *weights)
+        return new_h, new_c
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
+        features, h, c, new_h, sig, tanh_c, *weights = ctx.saved_tensors
+        layers, rows, hidden = h.shape
+        needs = ctx.needs_input_grad  # (library, features, h, c, *weights)
+        grad_h, grad_c = grad_h.contiguous(), grad_c.contiguous()
+        grad_h_old = torch.empty_like(h) if needs[2] else None
+        grad_c_old = torch.empty_like(c) if needs[3] else None
+        grad_features, grad_weights = None, []
+        from_above = None  # the gradient that layer l + 1's input sends back to layer l's output
+        for layer in reversed(range(layers)):
+            weight = weights[layer]
+            x = features if layer == 0 else new_h[layer - 1]
+            width = x.shape[1]
+            upstream = grad_h[layer] if from_above is None else grad_h[layer] + from_above
+            grad_x = x.new_empty(rows, width) if layer > 0 or needs[1] else None
+            weight_rows = torch.nn.functional.pad(weight[:, : width + hidden], (0, _padded(2 * hidden) - width - hidden))
+            grad_weight = h.new_zeros(width + hidden + 1, _padded(4 * hidden))
+            tensors = (upstream, grad_c[layer], x, h[layer], c[layer], sig[layer], tanh_c[layer],
+                       weight_rows.contiguous(), grad_weight, grad_x,
+                       None if grad_h_old is None else grad_h_old[layer],
+                       None if grad_c_old is None else grad_c_old[layer])
+            args = _kernel.CellBackward(rows, width, *(t.data_ptr() if t is not None else None for t in tensors))
+            if ctx.library.cell_backward(args, 1) != 0:
+                raise MemoryError("the LSTM's backward could not allocate its threads' weight-gradient buffers")
+            grad_weights.append(grad_weight[:, : 4 * hidden].t() if needs[4 + layer] else None)
+            from_above = grad_x
+        if needs[1]:
+            grad_features = from_above
+        return (None, grad_features, grad_h_old, grad_c_old, *reversed(grad_weights))
+
+
+class _FusedCell(torch.autograd.Function):
+    """The LSTM cell as one autograd node for the differentiable path where the C kernel does not run (float64,
+    GPUs, ``kernel=False``): the forward is the eager torch math, the backward one compiled elementwise loop that
     writes all four gates' gradients into one ``(N, 4H)`` buffer, then two matmuls, where autograd's record of the
-    eager ops would walk a dozen nodes, each a pass over memory. Either way the results equal the op-by-op
-    reference within float rounding (``tests/test_lstm.py``).
+    eager ops would walk a dozen nodes, each a pass over memory, and allocate a zero-filled ``(N, 4H)`` gradient
+    per gate slice.
 
     First-order only (the meta-gradient of truncated backprop, MAML's backward through the inner rule): a second
     backward through it raises, as ``once_differentiable`` says.
     """
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, x: Tensor, h: Tensor, c: Tensor, kernel: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, weight: Tensor, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        new_h, new_c, saved = _cell_math(weight, x, h, c)
+        ctx.save_for_backward(weight, c, *saved)
         ctx.input_width = x.shape[1]
-        ctx.library = _cell_kernel(weight, x, h, c) if kernel else None
-        if ctx.library is None:
-            new_h, new_c, saved = _cell_math(weight, x, h, c)
-            ctx.save_for_backward(weight, c, *saved)
-            return new_h, new_c
-        x, h, c = (t.contiguous() for t in (x, h, c))
-        rows, hidden = h.shape
-        gates = 4 * hidden
-        transposed = torch.nn.functional.pad(weight.t(), (0, _padded(gates) - gates)).contiguous()
-        new_h, new_c, tanh_c = (h.new_empty(rows, hidden) for _ in range(3))
-        sig = h.new_empty(rows, gates)
-        tensors = (x, h, c, transposed, new_h, new_c, sig, tanh_c)
-        # one thread: between the unroll's torch ops, torch's OpenMP workers still spin on the other cores, and
-        # threads started here measured slower (benchmarks/meta_train_cost.py at --threads 2)
-        ctx.library.cell_forward(_kernel.CellForward(rows, x.shape[1], *(t.data_ptr() for t in tensors)), 1)
-        ctx.save_for_backward(weight, x, h, c, sig, tanh_c)
         return new_h, new_c
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.library is not None:
-            return (*_FusedCell._kernel_backward(ctx, grad_h, grad_c), None)
         weight, c, inputs, sig, candidate, tanh_c = ctx.saved_tensors
         size, width = c.shape[1], ctx.input_width
         tensors: tuple[Tensor, ...] = (grad_h, grad_c, c, sig, candidate, tanh_c)
@@ -354,25 +401,7 @@ class _FusedCell(torch.autograd.Function):
             grad_x, grad_h_old = grad_inputs[:, :width], grad_inputs[:, width : width + size]
         elif ctx.needs_input_grad[2]:  # detached features (truncated backprop): only the state's columns
             grad_h_old = torch.mm(weight[:, width : width + size].t(), grad_gates.t()).t()
-        return grad_weight, grad_x, grad_h_old, grad_c_old if ctx.needs_input_grad[3] else None, None
-
-    @staticmethod
-    def _kernel_backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
-        weight, x, h, c, sig, tanh_c = ctx.saved_tensors
-        rows, hidden = h.shape
-        width, gates = x.shape[1], 4 * hidden
-        needs = ctx.needs_input_grad
-        weight_rows = torch.nn.functional.pad(weight[:, : width + hidden], (0, _padded(2 * hidden) - width - hidden))
-        grad_weight = h.new_zeros(width + hidden + 1, _padded(gates))
-        grad_x = h.new_empty(rows, width) if needs[1] else None
-        grad_h_old = h.new_empty(rows, hidden) if needs[2] else None
-        grad_c_old = h.new_empty(rows, hidden) if needs[3] else None
-        tensors = (grad_h.contiguous(), grad_c.contiguous(), x, h, c, sig, tanh_c, weight_rows.contiguous(),
-                   grad_weight, grad_x, grad_h_old, grad_c_old)
-        args = _kernel.CellBackward(rows, width, *(t.data_ptr() if t is not None else None for t in tensors))
-        if ctx.library.cell_backward(args, 1) != 0:
-            raise MemoryError("the LSTM cell's backward could not allocate its threads' weight-gradient buffers")
-        return grad_weight[:, :gates].t() if needs[0] else None, grad_x, grad_h_old, grad_c_old
+        return grad_weight, grad_x, grad_h_old, grad_c_old if ctx.needs_input_grad[3] else None
 
 
 def _moment_features(
@@ -454,7 +483,7 @@ class LSTMRule:
         self.chunk_size = chunk_size
         self.compile = compile
         self.fused = fused
-        self._compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]] | None = None
+        self._compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -633,9 +662,9 @@ class LSTMRule:
 
     def _chunk_results(
         self, features: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None]
-    ) -> Iterator[tuple[int, slice, Tensor, list[Tensor], list[Tensor]]]:
-        """Run the net on every chunk of the flat batch; yield ``(tensor, rows, raw output, h per layer, c per
-        layer)`` for each piece, with non-finite coordinates given their old state."""
+    ) -> Iterator[tuple[int, slice, Tensor, Tensor, Tensor]]:
+        """Run the net on every chunk of the flat batch; yield ``(tensor, rows, raw output, new h, new c)`` for each
+        piece (states ``(layers, rows, hidden)``), with non-finite coordinates given their old state."""
         dtype = self.compute_dtype
         for pieces in self._plan([len(x) for x in features]):
             if len(pieces) == 1:
@@ -655,27 +684,27 @@ class LSTMRule:
             for i, rows in pieces:
                 part = slice(offset, offset + rows.stop - rows.start)
                 offset = part.stop
-                r, h_new, c_new = raw[part], [h[part] for h in new_h], [c[part] for c in new_c]
+                whole = part.start == 0 and part.stop == len(raw)  # no slice node for autograd
+                r, h_new, c_new = (raw, new_h, new_c) if whole else (raw[part], new_h[:, part], new_c[:, part])
                 mask = finite[i]
                 if mask is not None:
                     keep = mask[rows].unsqueeze(-1)
-                    h_new = [torch.where(keep, h, old) for h, old in zip(h_new, hs[i][:, rows])]
-                    c_new = [torch.where(keep, c, old) for c, old in zip(c_new, cs[i][:, rows])]
+                    h_new = torch.where(keep, h_new, hs[i][:, rows])
+                    c_new = torch.where(keep, c_new, cs[i][:, rows])
                 yield i, rows, r, h_new, c_new
 
     def _run_in_place(
         self, features: list[Tensor], hs: list[Tensor], cs: list[Tensor], finite: list[Tensor | None], inplace: bool
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Without autograd: one copy per layer, straight into the new state (or the old one, if ``inplace``)."""
+        """Without autograd: one copy straight into the new state (or the old one, if ``inplace``)."""
         outputs = self.net.head.out_features
         raws = [x.new_empty(len(x), outputs) for x in features]
         new_hs = hs if inplace else [torch.empty_like(h) for h in hs]
         new_cs = cs if inplace else [torch.empty_like(c) for c in cs]
         for i, rows, r, h_new, c_new in self._chunk_results(features, hs, cs, finite):
             raws[i][rows] = r
-            for layer, (h, c) in enumerate(zip(h_new, c_new)):
-                new_hs[i][layer, rows] = h
-                new_cs[i][layer, rows] = c
+            new_hs[i][:, rows] = h_new
+            new_cs[i][:, rows] = c_new
         return raws, new_hs, new_cs
 
     def _run_differentiable(
@@ -684,7 +713,7 @@ class LSTMRule:
         """With autograd (the unroll engine): pieces are concatenated, never written in place."""
         parts: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in features]
         for i, _, r, h_new, c_new in self._chunk_results(features, hs, cs, finite):
-            parts[i].append((r, torch.stack(h_new), torch.stack(c_new)))
+            parts[i].append((r, h_new, c_new))
         raws, new_hs, new_cs = [], [], []
         for x, h, c, pieces in zip(features, hs, cs, parts):
             if not pieces:  # an empty tensor
@@ -702,7 +731,7 @@ class LSTMRule:
             new_cs.append(c_out.to(c.dtype))
         return raws, new_hs, new_cs
 
-    def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor], list[Tensor]]]:
+    def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
         """The net's step, compiled for full chunks when asked (one static shape: no recompiles, no guards on
         sizes); a last, partial chunk and every differentiable call run eagerly."""
         if torch.is_grad_enabled():

@@ -84,12 +84,12 @@ def test_nonfinite_gradients_are_skipped_and_counted(small_net):
 
 
 def test_fused_cell_equals_torch_lstm_cell(small_net):
-    from learnedopt.lstm import _lstm_cell
+    from learnedopt.lstm import _gate_weight, _lstm_cell
 
     cell = small_net.cells[1].double()
     x, h, c = (torch.randn(9, 20, dtype=torch.float64) for _ in range(3))
     expected_h, expected_c = cell(x, (h, c))
-    got_h, got_c = _lstm_cell(cell, x, h, c)
+    got_h, got_c = _lstm_cell(_gate_weight(cell), x, h, c)
     torch.testing.assert_close(got_h, expected_h)
     torch.testing.assert_close(got_c, expected_c)
 
@@ -100,7 +100,7 @@ def test_fused_backward_passes_gradcheck_in_float64(small_net):
     torch.manual_seed(0)
     weight = torch.randn(80, 4 + 20 + 1, dtype=torch.float64, requires_grad=True)
     x, h, c = (torch.randn(7, n, dtype=torch.float64, requires_grad=True) for n in (4, 20, 20))
-    assert torch.autograd.gradcheck(lambda *inputs: _FusedCell.apply(*inputs, True), (weight, x, h, c))
+    assert torch.autograd.gradcheck(_FusedCell.apply, (weight, x, h, c))
     # and through the whole net, with some inputs not needing gradients
     net = small_net.double()
     features = torch.randn(5, net.config.input_size, dtype=torch.float64)
@@ -136,31 +136,36 @@ def test_fused_truncation_gradients_equal_the_op_by_op_reference(kernel):
 
 
 @pytest.mark.skipif(not shutil.which("cc") and not shutil.which("gcc"), reason="no C compiler for the kernel")
-@pytest.mark.parametrize("rows, width, threads", [(7, 4, 1), (200, 20, 1), (40_000, 4, 2)])
-def test_kernel_cell_equals_the_torch_cell(rows, width, threads):
-    """The C cell (forward and backward, one and two threads, a partial last block) against the torch cell, for
-    every subset of inputs that needs a gradient."""
-    from learnedopt.lstm import _FusedCell, _cell_kernel
+@pytest.mark.parametrize("arch", ["paper", "general", "odd"])
+@pytest.mark.parametrize("rows", [7, 200, 3000])
+def test_kernel_lstm_equals_the_torch_cells(arch, rows):
+    """All layers as one C-kernel node (forward and backward, a partial last block) against the torch cells with
+    their fused backward, for every subset of inputs that needs a gradient."""
+    from learnedopt.lstm import _cell_kernel, _gate_weight
 
+    configs = {"paper": {}, "general": dict(inputs="normalized", output="adam"),
+               "odd": dict(hidden_size=7, num_layers=3, inputs="normalized", momentum_decays=(0.9, 0.5))}
     torch.manual_seed(0)
-    weight = torch.randn(80, width + 21) * 0.5
-    inputs = [torch.randn(rows, k) for k in (width, 20, 20)]
-    assert _cell_kernel(weight, *inputs) is not None  # the kernel path does run here
-    torch.set_num_threads(threads)
-    try:
-        for needs in ((True, True, True, True), (True, False, True, True), (False, False, True, False)):
-            results = {}
-            for kernel in (True, False):
-                leaves = [t.clone().requires_grad_(need) for t, need in zip([weight, *inputs], needs)]
-                new_h, new_c = _FusedCell.apply(*leaves, kernel)
-                upstream = torch.randn(rows, 20, generator=torch.Generator().manual_seed(1))
-                loss = (new_h * upstream).sum() + (new_c * upstream.flip(0)).sum()
-                grads = torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
-                results[kernel] = (new_h, new_c, *grads)
-            for got, expected in zip(results[True], results[False]):  # sums over rows: rounding grows with them
-                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(expected.detach().abs().max())))
-    finally:
-        torch.set_num_threads(1)
+    net = CoordinatewiseLSTM(**configs[arch])
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    layers, hidden = net.config.num_layers, net.config.hidden_size
+    inputs = [torch.randn(rows, net.config.input_size), torch.randn(layers, rows, hidden),
+              torch.randn(layers, rows, hidden)]
+    assert _cell_kernel([_gate_weight(c) for c in net.cells], *inputs) is not None  # the kernel path does run
+    upstream = [torch.randn(rows, net.head.out_features), torch.randn(layers, rows, hidden),
+                torch.randn(layers, rows, hidden)]
+    for needs in ((True, True, True), (False, True, True), (False, True, False)):
+        results = {}
+        for kernel in (True, False):
+            leaves = [t.clone().requires_grad_(need) for t, need in zip(inputs, needs)]
+            outputs = net.step(*leaves, kernel=kernel)
+            loss = sum((out * up).sum() for out, up in zip(outputs, upstream))
+            wrt = [t for t in leaves if t.requires_grad] + list(net.parameters())
+            results[kernel] = (*outputs, *torch.autograd.grad(loss, wrt))
+        for got, expected in zip(results[True], results[False]):  # sums over rows: rounding grows with them
+            scale = max(1.0, float(expected.detach().abs().max()))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_second_order_maml_through_the_lstm_rule_is_unchanged_by_the_fused_backward():
