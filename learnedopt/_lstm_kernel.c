@@ -1,11 +1,12 @@
-/* One in-place step of the coordinatewise LSTM optimizer for a block of coordinates, fused into one pass.
+/* The coordinatewise LSTM optimizer's hot loops, each fused into one pass over blocks of coordinates.
  *
- * The C twin of learnedopt/lstm.py's LSTMRule.update(..., inplace=True) without autograd: the gradient
+ * lstm_step is the C twin of learnedopt/lstm.py's LSTMRule.update without autograd, in place: the gradient
  * features (running moments or the paper's log/sign map), every LSTM layer, the head and the output map run per
  * block of BLOCK coordinates whose working set stays in the L1/L2 cache, so the hidden state is read and written
  * once per step, where the torch path makes a pass over memory per op. learnedopt/kernel.py compiles this file
  * at first use with the net's sizes as constants (-D flags below) and tests it against the torch path
- * (tests/test_kernel.py); the torch path stays the reference and the fallback.
+ * (tests/test_kernel.py); the torch path stays the reference and the fallback. cell_forward and cell_backward
+ * are one LSTM layer of the differentiable path (lstm.py's _FusedLSTM), tested in tests/test_lstm.py.
  *
  * Compile-time constants: H (hidden size), LAYERS, NK (momentum decays), PAPER (1: log/sign inputs, 0:
  * normalized moments), ADAM (1: bounded Adam-modulating output, 0: linear), OUT (head outputs), BF16 (1: the

@@ -1,7 +1,8 @@
-"""The fused CPU kernel of :class:`~learnedopt.LearnedOptimizer`'s step: built at first use, cached, optional.
+"""The fused CPU kernel of the LSTM optimizer: built at first use, cached, optional.
 
 ``_lstm_kernel.c`` runs a whole in-place LSTM optimizer step (features, every layer, head, output map) per
-block of coordinates that stays in cache, ~2.7x faster than the torch ops on a CPU (``benchmarks/step.py``).
+block of coordinates that stays in cache, ~3x faster than the torch ops on a CPU (``benchmarks/step.py``), and
+the differentiable LSTM cell's forward and backward for meta-training (``benchmarks/meta_train_cost.py``).
 It is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``), for this CPU
 (``-march=native``) and with the net's sizes as constants, in well under a second, then loaded with
 :mod:`ctypes`: no torch headers, no ninja, nothing to build at install. The library is cached under

@@ -446,12 +446,14 @@ class LSTMRule:
     cells are differentiated by a fused, hand-written backward; ``fused=False`` keeps autograd's op-by-op record
     (the reference, and the baseline in ``benchmarks/meta_train_cost.py``).
 
-    ``kernel`` picks how a step without autograd (the optimizer's in-place step, evaluation unrolls under
-    ``torch.no_grad``) runs on a CPU: ``None`` (default) through the fused C kernel of :mod:`learnedopt.kernel`
-    wherever it applies (CPU tensors, a float32 net, a float32 or bfloat16 state) and can be built, else through
-    torch ops; ``True`` requires the kernel (an error says why it cannot run); ``False`` always runs the torch
-    ops, which are the reference: the kernel equals them within float rounding (``tests/test_kernel.py``). A
-    step traced by :func:`torch.compile` always runs the torch ops.
+    ``kernel`` picks whether the C kernel of :mod:`learnedopt.kernel` runs on a CPU. ``None`` (default): wherever
+    it applies and can be built — a step without autograd (the optimizer's in-place step, evaluation unrolls under
+    ``torch.no_grad``) on CPU tensors with a float32 net and a float32 or bfloat16 state runs as one kernel call
+    per tensor, and under autograd all LSTM layers of a step on float32 CPU tensors run as one kernel node
+    (:class:`_FusedLSTM`); torch ops elsewhere. ``True``: the no-autograd step requires the kernel (an error says
+    why it cannot run). ``False``: torch ops only; they are the reference, which the kernel equals within float
+    rounding (``tests/test_kernel.py``, ``tests/test_lstm.py``). A step traced by :func:`torch.compile` always
+    runs the torch ops.
 
     Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets a zero update and keeps its previous
     hidden state and moments, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]``
