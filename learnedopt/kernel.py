@@ -49,7 +49,7 @@ class CellForward(ctypes.Structure):
     """``cell_forward_t``: one LSTM cell's forward on the differentiable path (contiguous float32 tensors)."""
 
     _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64)] + [
-        (name, ctypes.c_void_p) for name in ("x", "h", "c", "weights", "new_h", "new_c", "sig", "tanh_c")
+        (name, ctypes.c_void_p) for name in ("x", "h", "c", "weights", "new_h", "new_c")
     ]
 
 
@@ -58,7 +58,7 @@ class CellBackward(ctypes.Structure):
 
     _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64)] + [
         (name, ctypes.c_void_p)
-        for name in ("grad_h", "grad_c", "x", "h", "c", "sig", "tanh_c", "weight_rows", "grad_weight", "grad_x",
+        for name in ("grad_h", "grad_c", "x", "h", "c", "weights", "weight_rows", "grad_weight", "grad_x",
                      "grad_h_old", "grad_c_old")
     ]
 

@@ -289,6 +289,12 @@ def _cell_kernel(weights: Sequence[Tensor], features: Tensor, h: Tensor, c: Tens
         return None
 
 
+def _transposed(weight: Tensor) -> Tensor:
+    """A ``(4H, in + H + 1)`` gate weight in the kernel's layout: ``(in + H + 1, GP)``, the gates zero-padded."""
+    gates = weight.shape[0]
+    return torch.nn.functional.pad(weight.detach().t(), (0, _padded(gates) - gates)).contiguous()
+
+
 def _padded(width: int) -> int:
     """``width`` rounded up to whole 16-float vectors (the C kernel's rows)."""
     return -(-width // 16) * 16
@@ -304,9 +310,9 @@ class _FusedLSTM(torch.autograd.Function):
     differentiable path's hot loop in meta-training.
 
     The forward writes each layer's new state straight into the stacked ``(layers, N, H)`` outputs and keeps
-    the gates' sigmoids and ``tanh(c_new)``; the backward walks the layers in reverse, computing each layer's gate
-    gradients block by block in cache and multiplying them straight into the gradients of its inputs, its state
-    and its weights. No per-layer stacking or concatenation copies, no autograd node per op. Equals the op-by-op
+    nothing else; the backward walks the layers in reverse, recomputing each block's gates in cache (faster than
+    storing ``5 H`` floats per coordinate: benchmarks/meta_train_cost.py) and turning them into the gate
+    gradients, which it multiplies straight into the gradients of the layer's inputs, state and weights. No per-layer stacking or concatenation copies, no autograd node per op. Equals the op-by-op
     reference within float rounding (``tests/test_lstm.py``). First-order only, as :class:`_FusedCell`.
     """
 
@@ -315,24 +321,22 @@ class _FusedLSTM(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor]:
         layers, rows, hidden = h.shape
         features, h, c = features.contiguous(), h.contiguous(), c.contiguous()
-        new_h, new_c, tanh_c = (h.new_empty(layers, rows, hidden) for _ in range(3))
-        sig = h.new_empty(layers, rows, 4 * hidden)
+        new_h, new_c = torch.empty_like(h), torch.empty_like(c)
         x = features
         for layer, weight in enumerate(weights):
-            transposed = torch.nn.functional.pad(weight.t(), (0, _padded(4 * hidden) - 4 * hidden)).contiguous()
-            tensors = (x, h[layer], c[layer], transposed, new_h[layer], new_c[layer], sig[layer], tanh_c[layer])
+            tensors = (x, h[layer], c[layer], _transposed(weight), new_h[layer], new_c[layer])
             # one thread: between the unroll's torch ops, torch's OpenMP workers still spin on the other cores, and
             # threads started here measured slower (benchmarks/meta_train_cost.py at --threads 2)
             library.cell_forward(_kernel.CellForward(rows, x.shape[1], *(t.data_ptr() for t in tensors)), 1)
             x = new_h[layer]
         ctx.library = library
-        ctx.save_for_backward(features, h, c, new_h, sig, tanh_c, *weights)
+        ctx.save_for_backward(features, h, c, new_h, *weights)
         return new_h, new_c
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
-        features, h, c, new_h, sig, tanh_c, *weights = ctx.saved_tensors
+        features, h, c, new_h, *weights = ctx.saved_tensors
         layers, rows, hidden = h.shape
         needs = ctx.needs_input_grad  # (library, features, h, c, *weights)
         grad_h, grad_c = grad_h.contiguous(), grad_c.contiguous()
@@ -348,7 +352,7 @@ class _FusedLSTM(torch.autograd.Function):
             grad_x = x.new_empty(rows, width) if layer > 0 or needs[1] else None
             weight_rows = torch.nn.functional.pad(weight[:, : width + hidden], (0, _padded(2 * hidden) - width - hidden))
             grad_weight = h.new_zeros(width + hidden + 1, _padded(4 * hidden))
-            tensors = (upstream, grad_c[layer], x, h[layer], c[layer], sig[layer], tanh_c[layer],
+            tensors = (upstream, grad_c[layer], x, h[layer], c[layer], _transposed(weight),
                        weight_rows.contiguous(), grad_weight, grad_x,
                        None if grad_h_old is None else grad_h_old[layer],
                        None if grad_c_old is None else grad_c_old[layer])
@@ -633,17 +637,11 @@ class LSTMRule:
         return updates, new_state
 
     def _kernel_weights(self) -> tuple[Tensor, Tensor]:
-        """The kernel's weight layout: per layer ``[W_ih, W_hh, b]`` transposed to ``(in + H + 1, GP)`` with the
-        gate columns zero-padded to a multiple of 16 (whole vectors), all layers in one buffer; and the head's
+        """The kernel's weights: every layer's :func:`_transposed` gate weight in one buffer, and the head's
         ``(outputs, H + 1)`` with its bias last."""
-        gates = 4 * self.net.config.hidden_size
-        padded = -(-gates // 16) * 16
-        layers = []
-        for cell in self.net.cells:
-            weight = _gate_weight(cast(nn.LSTMCell, cell)).detach().t()
-            layers.append(torch.nn.functional.pad(weight, (0, padded - gates)).reshape(-1))
+        layers = [_transposed(_gate_weight(cast(nn.LSTMCell, cell))).reshape(-1) for cell in self.net.cells]
         head = self.net.head
-        return torch.cat(layers).contiguous(), torch.cat((head.weight, head.bias.unsqueeze(1)), 1).detach().contiguous()
+        return torch.cat(layers), torch.cat((head.weight, head.bias.unsqueeze(1)), 1).detach().contiguous()
 
     def _kernel_scalars(self, step: Tensor | None) -> Tensor:
         """The kernel's float32 constants (``scalars[]`` in ``_lstm_kernel.c``), rounded as the torch path rounds
