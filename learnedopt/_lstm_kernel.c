@@ -306,7 +306,8 @@ void cell_forward(const cell_forward_t *args, int threads) {
 
 typedef struct {
     int64_t n, width;
-    const float *grad_h, *grad_c;     /* (n, H) the new state's gradients */
+    const float *grad_h, *grad_h2, *grad_c;   /* (n, H) the new state's gradients; grad_h2 (may be NULL) is added
+                                                 to grad_h: the next layer's or the head's share */
     const float *x, *h, *c;           /* the forward's inputs: its gates are recomputed, not stored */
     const float *weights;             /* the forward's (width + H + 1, GP) transposed weights */
     const float *weight_rows;         /* (4 H, KP): [W_ih, W_hh] untransposed, zero-padded */
@@ -330,7 +331,7 @@ static void cell_backward_block(const void *p, int64_t start, int64_t rows, void
         const float *sig = gates[r];
         for (int j = 0; j < H; j++) {
             float in = sig[j], f = sig[H + j], g = sig[2 * H + j], o = sig[3 * H + j];
-            float t = tanh_c[r][j], gh = a->grad_h[i * H + j];
+            float t = tanh_c[r][j], gh = a->grad_h[i * H + j] + (a->grad_h2 ? a->grad_h2[i * H + j] : 0.0f);
             float gc = a->grad_c[i * H + j] + gh * o * (1.0f - t * t);   /* through new_h = o tanh(new_c) */
             dg[r][j] = gc * (2.0f * g - 1.0f) * in * (1.0f - in);
             dg[r][H + j] = gc * a->c[i * H + j] * f * (1.0f - f);

@@ -58,8 +58,8 @@ class CellBackward(ctypes.Structure):
 
     _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64)] + [
         (name, ctypes.c_void_p)
-        for name in ("grad_h", "grad_c", "x", "h", "c", "weights", "weight_rows", "grad_weight", "grad_x",
-                     "grad_h_old", "grad_c_old")
+        for name in ("grad_h", "grad_h2", "grad_c", "x", "h", "c", "weights", "weight_rows", "grad_weight",
+                     "grad_x", "grad_h_old", "grad_c_old")
     ]
 
 

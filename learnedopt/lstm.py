@@ -157,8 +157,8 @@ class CoordinatewiseLSTM(nn.Module):
         if fused and kernel and torch.is_grad_enabled():
             library = _cell_kernel(weights, features, h, c)
             if library is not None:
-                new_h, new_c = _FusedLSTM.apply(library, features, h, c, *weights)
-                return self.head(new_h[-1]), new_h, new_c
+                new_h, new_c, top = _FusedLSTM.apply(library, features, h, c, *weights)
+                return self.head(top), new_h, new_c
         x = features
         hs, cs = [], []
         # unbind, not h[layer]: its backward stacks the layers' gradients once, where indexing would zero-fill and
@@ -312,13 +312,16 @@ class _FusedLSTM(torch.autograd.Function):
     The forward writes each layer's new state straight into the stacked ``(layers, N, H)`` outputs and keeps
     nothing else; the backward walks the layers in reverse, recomputing each block's gates in cache (faster than
     storing ``5 H`` floats per coordinate: benchmarks/meta_train_cost.py) and turning them into the gate
-    gradients, which it multiplies straight into the gradients of the layer's inputs, state and weights. No per-layer stacking or concatenation copies, no autograd node per op. Equals the op-by-op
+    gradients, which it multiplies straight into the gradients of the layer's inputs, state and weights. No
+    per-layer stacking or concatenation copies, no autograd node per op. Equals the op-by-op
     reference within float rounding (``tests/test_lstm.py``). First-order only, as :class:`_FusedCell`.
     """
 
     @staticmethod
     def forward(ctx: Any, library: Any, features: Tensor, h: Tensor, c: Tensor, *weights: Tensor
-                ) -> tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the new ``h`` and ``c`` and, for the head, a copy of the last layer's ``h``: a view of the
+        stacked output would make autograd zero-fill a whole ``(layers, N, H)`` gradient for it every step."""
         layers, rows, hidden = h.shape
         features, h, c = features.contiguous(), h.contiguous(), c.contiguous()
         new_h, new_c = torch.empty_like(h), torch.empty_like(c)
@@ -331,11 +334,11 @@ class _FusedLSTM(torch.autograd.Function):
             x = new_h[layer]
         ctx.library = library
         ctx.save_for_backward(features, h, c, new_h, *weights)
-        return new_h, new_c
+        return new_h, new_c, new_h[-1].clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor, grad_top: Tensor) -> tuple[Tensor | None, ...]:
         features, h, c, new_h, *weights = ctx.saved_tensors
         layers, rows, hidden = h.shape
         needs = ctx.needs_input_grad  # (library, features, h, c, *weights)
@@ -343,16 +346,17 @@ class _FusedLSTM(torch.autograd.Function):
         grad_h_old = torch.empty_like(h) if needs[2] else None
         grad_c_old = torch.empty_like(c) if needs[3] else None
         grad_features, grad_weights = None, []
-        from_above = None  # the gradient that layer l + 1's input sends back to layer l's output
+        # what reaches a layer's output from above: the head's share for the last layer, then layer l + 1's input's
+        from_above: Tensor | None = grad_top.contiguous()
         for layer in reversed(range(layers)):
             weight = weights[layer]
             x = features if layer == 0 else new_h[layer - 1]
             width = x.shape[1]
-            upstream = grad_h[layer] if from_above is None else grad_h[layer] + from_above
             grad_x = x.new_empty(rows, width) if layer > 0 or needs[1] else None
-            weight_rows = torch.nn.functional.pad(weight[:, : width + hidden], (0, _padded(2 * hidden) - width - hidden))
+            columns = width + hidden
+            weight_rows = torch.nn.functional.pad(weight[:, :columns], (0, _padded(2 * hidden) - columns))
             grad_weight = h.new_zeros(width + hidden + 1, _padded(4 * hidden))
-            tensors = (upstream, grad_c[layer], x, h[layer], c[layer], _transposed(weight),
+            tensors = (grad_h[layer], from_above, grad_c[layer], x, h[layer], c[layer], _transposed(weight),
                        weight_rows.contiguous(), grad_weight, grad_x,
                        None if grad_h_old is None else grad_h_old[layer],
                        None if grad_c_old is None else grad_c_old[layer])
@@ -427,7 +431,7 @@ def _moment_features(
         m, v = torch.where(keep, m, m_old), torch.where(keep, v, v_old)
     scale = 1.0 / (torch.sqrt(v / (1 - beta2**step)) + _EPS)
     normed = m / (1 - decays**step) * scale
-    features = torch.cat((grad.unsqueeze(0) * scale, normed)).t()
+    features = torch.stack((grad * scale, *normed.unbind(0)), dim=1)  # (N, 1 + K), contiguous for the kernel
     return features, normed[0], v > 0, {"m": m, "v": v, "step": step}
 
 
