@@ -15,7 +15,6 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define VW 16                          /* floats per vector: one AVX-512 register, two AVX ones, four NEON ones */
@@ -276,10 +275,11 @@ int64_t lstm_step(const args_t *args, int threads) {
 #define KV (KP / VW)
 
 typedef struct {
-    int64_t n, width;
+    int64_t n, width, outputs;
     const float *x, *h, *c;           /* (n, width), (n, H), (n, H) */
     const float *weights;             /* (width + H + 1, GP): [W_ih, W_hh, b] transposed, as for lstm_step */
-    float *new_h, *new_c;             /* out: (n, H), (n, H) */
+    const float *head;                /* the last layer's (outputs, H + 1) head, bias last; NULL for the others */
+    float *new_h, *new_c, *raw;       /* out: (n, H), (n, H), and (n, outputs) where head is given */
 } cell_forward_t;
 
 static void cell_forward_block(const void *p, int64_t start, int64_t rows, void *unused) {
@@ -295,19 +295,28 @@ static void cell_forward_block(const void *p, int64_t start, int64_t rows, void 
             a->new_h[i * H + j] = gates[r][3 * H + j] * tanh_c[r][j];
             a->new_c[i * H + j] = c_new[r][j];
         }
+        for (int o = 0; a->head && o < a->outputs; o++) {
+            const float *w = a->head + o * (H + 1);
+            float sum = w[H];
+            for (int j = 0; j < H; j++) sum += a->new_h[i * H + j] * w[j];
+            a->raw[i * a->outputs + o] = sum;
+        }
     }
 }
 
-void cell_forward(const cell_forward_t *args, int threads) {
-    threads = clamp_threads(args->n, threads);
-    char unused[MAX_THREADS];
-    parallel_blocks(args->n, threads, cell_forward_block, args, unused, 1);
+/* One thread: between the unroll's torch ops, torch's OpenMP workers still spin on the other cores, and threads
+ * started here measured slower (benchmarks/meta_train_cost.py at --threads 2). */
+void cell_forward(const cell_forward_t *args) {
+    for (int64_t start = 0; start < args->n; start += BLOCK)
+        cell_forward_block(args, start, args->n - start < BLOCK ? args->n - start : BLOCK, NULL);
 }
 
 typedef struct {
-    int64_t n, width;
+    int64_t n, width, outputs;
     const float *grad_h, *grad_h2, *grad_c;   /* (n, H) the new state's gradients; grad_h2 (may be NULL) is added
-                                                 to grad_h: the next layer's or the head's share */
+                                                 to grad_h: the next layer's share */
+    const float *head, *grad_raw;     /* the last layer: its head and the (n, outputs) raw outputs' gradient */
+    float *grad_head;                 /* out, with head: (outputs, H + 1), accumulated */
     const float *x, *h, *c;           /* the forward's inputs: its gates are recomputed, not stored */
     const float *weights;             /* the forward's (width + H + 1, GP) transposed weights */
     const float *weight_rows;         /* (4 H, KP): [W_ih, W_hh] untransposed, zero-padded */
@@ -326,12 +335,22 @@ static void cell_backward_block(const void *p, int64_t start, int64_t rows, void
      * memory per layer and step cost more in page faults and traffic than the matmul costs here */
     cell_block(rows, a->x + start * width, width, (int)width, a->h + start * H, a->c + start * H, a->weights,
                gates, c_new, tanh_c);
+    float from_above[BLOCK][H];   /* new_h's gradient from above: the next layer's input, or the head */
+    for (int64_t r = 0; r < rows; r++)
+        for (int j = 0; j < H; j++) from_above[r][j] = a->grad_h2 ? a->grad_h2[(start + r) * H + j] : 0.0f;
+    for (int64_t r = 0; a->head && r < rows; r++)   /* through raw = head(new_h) */
+        for (int k = 0; k < a->outputs; k++) {
+            float grad_raw = a->grad_raw[(start + r) * a->outputs + k];
+            for (int j = 0; j < H; j++) from_above[r][j] += grad_raw * a->head[k * (H + 1) + j];
+            for (int j = 0; j < H; j++) a->grad_head[k * (H + 1) + j] += grad_raw * gates[r][3 * H + j] * tanh_c[r][j];
+            a->grad_head[k * (H + 1) + H] += grad_raw;
+        }
     for (int64_t r = 0; r < rows; r++) {
         const int64_t i = start + r;
         const float *sig = gates[r];
         for (int j = 0; j < H; j++) {
             float in = sig[j], f = sig[H + j], g = sig[2 * H + j], o = sig[3 * H + j];
-            float t = tanh_c[r][j], gh = a->grad_h[i * H + j] + (a->grad_h2 ? a->grad_h2[i * H + j] : 0.0f);
+            float t = tanh_c[r][j], gh = a->grad_h[i * H + j] + from_above[r][j];
             float gc = a->grad_c[i * H + j] + gh * o * (1.0f - t * t);   /* through new_h = o tanh(new_c) */
             dg[r][j] = gc * (2.0f * g - 1.0f) * in * (1.0f - in);
             dg[r][H + j] = gc * a->c[i * H + j] * f * (1.0f - f);
@@ -375,22 +394,9 @@ static void cell_backward_block(const void *p, int64_t start, int64_t rows, void
     }
 }
 
-/* Returns 0, or -1 where the threads' partial weight gradients could not be allocated (nothing was computed). */
-int cell_backward(const cell_backward_t *args, int threads) {
-    threads = clamp_threads(args->n, threads);
-    size_t size = (size_t)(args->width + H + 1) * GP * sizeof(float);
-    char *partials = threads > 1 ? calloc(threads, size) : (char *)args->grad_weight;
-    if (!partials) return -1;
-    if (threads > 1) memcpy(partials, args->grad_weight, size);
-    parallel_blocks(args->n, threads, cell_backward_block, args, partials, size);
-    if (threads > 1) {
-        for (int t = 0; t < threads; t++) {   /* the partial sums, added in thread order */
-            const float *part = (const float *)(partials + t * size);
-            for (size_t e = 0; e < size / sizeof(float); e++)
-                args->grad_weight[e] = t ? args->grad_weight[e] + part[e] : part[e];
-        }
-        free(partials);
-    }
-    return 0;
+/* One thread, as cell_forward. grad_weight (and grad_head) accumulate: the caller zeroes them. */
+void cell_backward(const cell_backward_t *args) {
+    for (int64_t start = 0; start < args->n; start += BLOCK)
+        cell_backward_block(args, start, args->n - start < BLOCK ? args->n - start : BLOCK, args->grad_weight);
 }
 #endif

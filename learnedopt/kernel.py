@@ -48,18 +48,18 @@ class StepArgs(ctypes.Structure):
 class CellForward(ctypes.Structure):
     """``cell_forward_t``: one LSTM cell's forward on the differentiable path (contiguous float32 tensors)."""
 
-    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64)] + [
-        (name, ctypes.c_void_p) for name in ("x", "h", "c", "weights", "new_h", "new_c")
+    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64), ("outputs", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("x", "h", "c", "weights", "head", "new_h", "new_c", "raw")
     ]
 
 
 class CellBackward(ctypes.Structure):
     """``cell_backward_t``: that cell's backward (the output pointers may be null)."""
 
-    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64)] + [
+    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64), ("outputs", ctypes.c_int64)] + [
         (name, ctypes.c_void_p)
-        for name in ("grad_h", "grad_h2", "grad_c", "x", "h", "c", "weights", "weight_rows", "grad_weight",
-                     "grad_x", "grad_h_old", "grad_c_old")
+        for name in ("grad_h", "grad_h2", "grad_c", "head", "grad_raw", "grad_head", "x", "h", "c", "weights",
+                     "weight_rows", "grad_weight", "grad_x", "grad_h_old", "grad_c_old")
     ]
 
 
@@ -128,10 +128,10 @@ def load(**defines: int) -> ctypes.CDLL:
                 library.lstm_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
                 library.lstm_step.restype = ctypes.c_int64
                 if not defines.get("BF16"):  # the cell's forward and backward exist in float32-state builds
-                    library.cell_forward.argtypes = [ctypes.POINTER(CellForward), ctypes.c_int]
+                    library.cell_forward.argtypes = [ctypes.POINTER(CellForward)]
                     library.cell_forward.restype = None
-                    library.cell_backward.argtypes = [ctypes.POINTER(CellBackward), ctypes.c_int]
-                    library.cell_backward.restype = ctypes.c_int
+                    library.cell_backward.argtypes = [ctypes.POINTER(CellBackward)]
+                    library.cell_backward.restype = None
                 _LIBRARIES[key] = library
             except (KernelUnavailable, OSError) as err:
                 failure = err if isinstance(err, KernelUnavailable) else KernelUnavailable(f"loading failed: {err}")

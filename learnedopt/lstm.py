@@ -157,8 +157,8 @@ class CoordinatewiseLSTM(nn.Module):
         if fused and kernel and torch.is_grad_enabled():
             library = _cell_kernel(weights, features, h, c)
             if library is not None:
-                new_h, new_c, top = _FusedLSTM.apply(library, features, h, c, *weights)
-                return self.head(top), new_h, new_c
+                head = torch.cat((self.head.weight, self.head.bias.unsqueeze(1)), dim=1)
+                return _FusedLSTM.apply(library, features, h, c, head, *weights)
         x = features
         hs, cs = [], []
         # unbind, not h[layer]: its backward stacks the layers' gradients once, where indexing would zero-fill and
@@ -306,68 +306,72 @@ def _kernel_threads(rows: int) -> int:
 
 
 class _FusedLSTM(torch.autograd.Function):
-    """One step of every LSTM layer as one autograd node on the C kernel (float32 CPU tensors): the
+    """One step of every LSTM layer and the head as one autograd node on the C kernel (float32 CPU tensors): the
     differentiable path's hot loop in meta-training.
 
-    The forward writes each layer's new state straight into the stacked ``(layers, N, H)`` outputs and keeps
-    nothing else; the backward walks the layers in reverse, recomputing each block's gates in cache (faster than
-    storing ``5 H`` floats per coordinate: benchmarks/meta_train_cost.py) and turning them into the gate
-    gradients, which it multiplies straight into the gradients of the layer's inputs, state and weights. No
-    per-layer stacking or concatenation copies, no autograd node per op. Equals the op-by-op
-    reference within float rounding (``tests/test_lstm.py``). First-order only, as :class:`_FusedCell`.
+    The forward writes each layer's new state straight into the stacked ``(layers, N, H)`` outputs and the head's
+    raw outputs, and keeps nothing else; the backward walks the layers in reverse, recomputing each block's gates
+    in cache (faster than storing ``5 H`` floats per coordinate: ``benchmarks/meta_train_cost.py``) and turning
+    them into the gate gradients, which it multiplies straight into the gradients of the layer's inputs, state and
+    weights (and the head's). No per-layer stacking or concatenation copies, no autograd node per op. Equals the
+    op-by-op reference within float rounding (``tests/test_lstm.py``). First-order only, as :class:`_FusedCell`.
     """
 
     @staticmethod
-    def forward(ctx: Any, library: Any, features: Tensor, h: Tensor, c: Tensor, *weights: Tensor
+    def forward(ctx: Any, library: Any, features: Tensor, h: Tensor, c: Tensor, head: Tensor, *weights: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the new ``h`` and ``c`` and, for the head, a copy of the last layer's ``h``: a view of the
-        stacked output would make autograd zero-fill a whole ``(layers, N, H)`` gradient for it every step."""
+        """``head`` is the ``(outputs, H + 1)`` head with its bias last; returns ``raw, new_h, new_c``."""
         layers, rows, hidden = h.shape
         features, h, c = features.contiguous(), h.contiguous(), c.contiguous()
         new_h, new_c = torch.empty_like(h), torch.empty_like(c)
+        raw = h.new_empty(rows, head.shape[0])
         x = features
         for layer, weight in enumerate(weights):
-            tensors = (x, h[layer], c[layer], _transposed(weight), new_h[layer], new_c[layer])
-            # one thread: between the unroll's torch ops, torch's OpenMP workers still spin on the other cores, and
-            # threads started here measured slower (benchmarks/meta_train_cost.py at --threads 2)
-            library.cell_forward(_kernel.CellForward(rows, x.shape[1], *(t.data_ptr() for t in tensors)), 1)
+            top = layer == layers - 1
+            tensors = (x, h[layer], c[layer], _transposed(weight), head if top else None, new_h[layer],
+                       new_c[layer], raw if top else None)
+            library.cell_forward(_kernel.CellForward(rows, x.shape[1], head.shape[0], *_pointers(tensors)))
             x = new_h[layer]
         ctx.library = library
-        ctx.save_for_backward(features, h, c, new_h, *weights)
-        return new_h, new_c, new_h[-1].clone()
+        ctx.save_for_backward(features, h, c, new_h, head, *weights)
+        return raw, new_h, new_c
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_h: Tensor, grad_c: Tensor, grad_top: Tensor) -> tuple[Tensor | None, ...]:
-        features, h, c, new_h, *weights = ctx.saved_tensors
+    def backward(ctx: Any, grad_raw: Tensor, grad_h: Tensor, grad_c: Tensor) -> tuple[Tensor | None, ...]:
+        features, h, c, new_h, head, *weights = ctx.saved_tensors
         layers, rows, hidden = h.shape
-        needs = ctx.needs_input_grad  # (library, features, h, c, *weights)
-        grad_h, grad_c = grad_h.contiguous(), grad_c.contiguous()
+        needs = ctx.needs_input_grad  # (library, features, h, c, head, *weights)
+        grad_raw, grad_h, grad_c = grad_raw.contiguous(), grad_h.contiguous(), grad_c.contiguous()
         grad_h_old = torch.empty_like(h) if needs[2] else None
         grad_c_old = torch.empty_like(c) if needs[3] else None
-        grad_features, grad_weights = None, []
-        # what reaches a layer's output from above: the head's share for the last layer, then layer l + 1's input's
-        from_above: Tensor | None = grad_top.contiguous()
+        grad_head = torch.zeros_like(head)
+        grad_weights = []
+        from_above = None  # the gradient that layer l + 1's input sends back to layer l's output
         for layer in reversed(range(layers)):
             weight = weights[layer]
+            top = layer == layers - 1
             x = features if layer == 0 else new_h[layer - 1]
             width = x.shape[1]
             grad_x = x.new_empty(rows, width) if layer > 0 or needs[1] else None
             columns = width + hidden
             weight_rows = torch.nn.functional.pad(weight[:, :columns], (0, _padded(2 * hidden) - columns))
             grad_weight = h.new_zeros(width + hidden + 1, _padded(4 * hidden))
-            tensors = (grad_h[layer], from_above, grad_c[layer], x, h[layer], c[layer], _transposed(weight),
+            tensors = (grad_h[layer], from_above, grad_c[layer], head if top else None, grad_raw if top else None,
+                       grad_head if top else None, x, h[layer], c[layer], _transposed(weight),
                        weight_rows.contiguous(), grad_weight, grad_x,
                        None if grad_h_old is None else grad_h_old[layer],
                        None if grad_c_old is None else grad_c_old[layer])
-            args = _kernel.CellBackward(rows, width, *(t.data_ptr() if t is not None else None for t in tensors))
-            if ctx.library.cell_backward(args, 1) != 0:
-                raise MemoryError("the LSTM's backward could not allocate its threads' weight-gradient buffers")
-            grad_weights.append(grad_weight[:, : 4 * hidden].t() if needs[4 + layer] else None)
+            ctx.library.cell_backward(_kernel.CellBackward(rows, width, head.shape[0], *_pointers(tensors)))
+            grad_weights.append(grad_weight[:, : 4 * hidden].t() if needs[5 + layer] else None)
             from_above = grad_x
-        if needs[1]:
-            grad_features = from_above
-        return (None, grad_features, grad_h_old, grad_c_old, *reversed(grad_weights))
+        return (None, from_above if needs[1] else None, grad_h_old, grad_c_old,
+                grad_head if needs[4] else None, *reversed(grad_weights))
+
+
+def _pointers(tensors: Sequence[Tensor | None]) -> list[int | None]:
+    """Addresses for the kernel's argument structs (null for ``None``)."""
+    return [t.data_ptr() if t is not None else None for t in tensors]
 
 
 class _FusedCell(torch.autograd.Function):
@@ -633,7 +637,7 @@ class LSTMRule:
                 scalars[key] = self._kernel_scalars(step)
             pointers = [grad, s["h"], s["c"], *((s["m"], s["v"]) if step is not None else (None, None)), update,
                         weights, head, scalars[key]]
-            args = _kernel.StepArgs(len(grad), *(t.data_ptr() if t is not None else None for t in pointers))
+            args = _kernel.StepArgs(len(grad), *_pointers(pointers))
             skipped = libraries[s["h"].dtype].lstm_step(args, _kernel_threads(len(grad)))
             updates.append(update.reshape(p.shape).to(p.dtype))
             new = {"h": s["h"], "c": s["c"], "nonfinite": s["nonfinite"] + skipped}
