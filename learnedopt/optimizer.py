@@ -172,7 +172,7 @@ class LearnedOptimizer(RuleOptimizer):
             rounding). The first steps pay the compilation, ~10-30 s on a CPU. Where the fused CPU kernel runs
             (``fused``), it takes precedence.
         fused: how the step runs on a CPU. ``None`` (default): one fused C kernel per tensor (features, LSTM,
-            head and update in one pass over the state, ~2.7x faster than torch ops on one thread), compiled for
+            head and update in one pass over the state, ~3x faster than torch ops), compiled for
             this CPU at first use in under a second and cached (:mod:`learnedopt.kernel`), wherever it applies
             (CPU parameters, a float32 net) and a C compiler exists; torch ops otherwise. ``True``: require the
             kernel (an error says why it cannot run). ``False``: torch ops only. Both give the same results

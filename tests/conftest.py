@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -6,6 +8,7 @@ import torch
 
 # Compiled kernels go to a fresh folder per run: every run exercises the build, and nothing leaks into ~/.cache.
 os.environ["LEARNEDOPT_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="learnedopt-kernels-")
+atexit.register(shutil.rmtree, os.environ["LEARNEDOPT_KERNEL_CACHE"], ignore_errors=True)
 
 # The suite's tensors are small: one thread avoids OpenMP overhead and oversubscription on 2-core CI machines.
 torch.set_num_threads(1)
