@@ -169,19 +169,61 @@ class CoordinatewiseLSTM(nn.Module):
             cs.append(cl)
         return self.head(x), torch.stack(hs), torch.stack(cs)
 
-    def to_update(self, raw: Tensor, nominal: Tensor | None, seen: Tensor | None) -> Tensor:
+    def to_update(self, raw: Tensor, nominal: Tensor | None, seen: Tensor | None, fused: bool = True) -> Tensor:
         """The additive update ``(N,)`` from the head's raw outputs (see the module docstring for the maps).
 
         ``nominal`` is the Adam direction ``m_hat / (sqrt(v_hat) + eps)`` and ``seen`` marks coordinates that have
-        had a nonzero gradient; both are needed for ``output="adam"`` only.
+        had a nonzero gradient; both are needed for ``output="adam"`` only. Under autograd the bounded map is one
+        node with a hand-written backward (``fused=False``: autograd's op-by-op record, the reference).
         """
         cfg = self.config
         if cfg.output == "linear":
             return raw[:, 0] * cfg.output_scale
         assert nominal is not None and seen is not None
-        magnitude = torch.exp(math.log(cfg.magnitude_range) * torch.tanh(raw[:, 0]))
-        step = magnitude * nominal.clamp(-1.0, 1.0) - torch.tanh(raw[:, 1])
-        return torch.where(seen, step * -cfg.output_scale, 0.0)
+        constants = (math.log(cfg.magnitude_range), cfg.output_scale)
+        if fused and torch.is_grad_enabled():
+            return _BoundedAdamStep.apply(raw, nominal, seen, *constants)
+        return _bounded_adam_step(raw, nominal, seen, *constants)[0]
+
+
+def _bounded_adam_step(
+    raw: Tensor, nominal: Tensor, seen: Tensor, log_range: float, scale: float
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``output="adam"``'s map (the one copy of its math) and what its backward needs."""
+    tanh_magnitude, tanh_offset = torch.tanh(raw[:, 0]), torch.tanh(raw[:, 1])
+    magnitude = torch.exp(log_range * tanh_magnitude)
+    clipped = nominal.clamp(-1.0, 1.0)
+    step = magnitude * clipped - tanh_offset
+    return torch.where(seen, step * -scale, 0.0), (tanh_magnitude, tanh_offset, magnitude, clipped)
+
+
+class _BoundedAdamStep(torch.autograd.Function):
+    """:func:`_bounded_adam_step` as one autograd node: its backward is a few elementwise ops writing the raw
+    outputs' gradient as one ``(N, 2)`` tensor, where autograd's record walks a node per op and zero-fills an
+    ``(N, 2)`` gradient for each column it selects (meta-training's default-net truncations: ~10% of the time).
+    First-order only, as :class:`_FusedCell`."""
+
+    @staticmethod
+    def forward(ctx: Any, raw: Tensor, nominal: Tensor, seen: Tensor, log_range: float, scale: float) -> Tensor:
+        update, saved = _bounded_adam_step(raw, nominal, seen, log_range, scale)
+        ctx.save_for_backward(nominal, seen, *saved)
+        ctx.log_range, ctx.scale = log_range, scale
+        return update
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_update: Tensor) -> tuple[Tensor | None, ...]:
+        nominal, seen, tanh_magnitude, tanh_offset, magnitude, clipped = ctx.saved_tensors
+        grad_step = torch.where(seen, grad_update * -ctx.scale, 0.0)
+        grad_raw = grad_nominal = None
+        if ctx.needs_input_grad[0]:
+            grad_raw = torch.stack((
+                grad_step * clipped * magnitude * ctx.log_range * (1 - tanh_magnitude * tanh_magnitude),
+                grad_step * (tanh_offset * tanh_offset - 1),
+            ), dim=1)
+        if ctx.needs_input_grad[1]:  # clamp passes the gradient where -1 <= nominal <= 1, as torch.clamp does
+            grad_nominal = grad_step * magnitude * ((nominal >= -1.0) & (nominal <= 1.0))
+        return grad_raw, grad_nominal, None, None, None
 
 
 def _lstm_cell(weight: Tensor, x: Tensor, h: Tensor, c: Tensor, fused: bool = True) -> tuple[Tensor, Tensor]:
@@ -572,7 +614,8 @@ class LSTMRule:
             raws, new_hs, new_cs = self._run_in_place(features, hs, cs, finite, inplace)
         updates, new_state = [], []
         for i, (s, p, keep) in enumerate(zip(state, params, finite)):
-            u = self.net.to_update(raws[i], *((nominals[i], seens[i]) if config.uses_moments else (None, None)))
+            moment_inputs = (nominals[i], seens[i]) if config.uses_moments else (None, None)
+            u = self.net.to_update(raws[i], *moment_inputs, fused=self.fused)
             if keep is not None:
                 u = torch.where(keep, u, 0.0)
             updates.append(u.reshape(p.shape).to(p.dtype))

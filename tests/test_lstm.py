@@ -168,6 +168,20 @@ def test_kernel_lstm_equals_the_torch_cells(arch, rows):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_bounded_adam_step_backward_passes_gradcheck():
+    """The output map's hand-written backward, for the raw outputs and the nominal step (clipped on both sides,
+    unseen coordinates included)."""
+    from learnedopt.lstm import _BoundedAdamStep
+
+    torch.manual_seed(0)
+    raw = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
+    nominal = torch.tensor([-3.0, -0.5, 0.2, 0.9, 2.0, -0.1, 0.7, -1.5, 0.3], dtype=torch.float64,
+                           requires_grad=True)
+    seen = torch.tensor([True] * 7 + [False] * 2)
+    assert torch.autograd.gradcheck(lambda r, n: _BoundedAdamStep.apply(r, n, seen, math.log(100.0), 0.1),
+                                    (raw, nominal))
+
+
 def test_second_order_maml_through_the_lstm_rule_is_unchanged_by_the_fused_backward():
     """MAML with the LSTM inner rule back-propagates once through the cells (into the inner gradients' graph)."""
     torch.manual_seed(0)
