@@ -614,8 +614,10 @@ class LSTMRule:
             raws, new_hs, new_cs = self._run_in_place(features, hs, cs, finite, inplace)
         updates, new_state = [], []
         for i, (s, p, keep) in enumerate(zip(state, params, finite)):
-            nominal, seen = (nominals[i], seens[i]) if config.uses_moments else (None, None)
-            u = self.net.to_update(raws[i], nominal, seen, fused=self.fused)
+            adam_inputs: tuple[Tensor | None, Tensor | None] = (
+                (nominals[i], seens[i]) if config.uses_moments else (None, None)
+            )
+            u = self.net.to_update(raws[i], *adam_inputs, fused=self.fused)
             if keep is not None:
                 u = torch.where(keep, u, 0.0)
             updates.append(u.reshape(p.shape).to(p.dtype))
