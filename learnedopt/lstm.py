@@ -1,8 +1,9 @@
 """The coordinatewise LSTM optimizer of Andrychowicz et al. (2016), as a net and as an update rule.
 
 One small LSTM is applied to every coordinate of every parameter as a batch: the weights are shared, the hidden
-state is per coordinate. This file holds the only copy of that math; :class:`learnedopt.LearnedOptimizer` and the
-unroll engine both call :class:`LSTMRule`.
+state is per coordinate. This file holds the reference copy of that math; :class:`learnedopt.LearnedOptimizer`
+and the unroll engine both call :class:`LSTMRule`, which on CPUs runs its C twin (``_lstm_kernel.c``, tested
+against this file's torch ops: ``tests/test_kernel.py``, ``tests/test_lstm.py``).
 
 Two input sets and two output maps are selectable in :class:`LSTMConfig` and saved with every net:
 
