@@ -282,11 +282,9 @@ typedef struct {
     float *new_h, *new_c, *raw;       /* out: (n, H), (n, H), and (n, outputs) where head is given */
 } cell_forward_t;
 
-static void cell_forward_block(const void *p, int64_t start, int64_t rows, void *unused) {
-    const cell_forward_t *a = p;
+static void cell_forward_block(const cell_forward_t *a, int64_t start, int64_t rows) {
     float gates[BLOCK][GP] __attribute__((aligned(64)));
     float c_new[BLOCK][H], tanh_c[BLOCK][H];
-    (void)unused;
     cell_block(rows, a->x + start * a->width, a->width, (int)a->width, a->h + start * H, a->c + start * H,
                a->weights, gates, c_new, tanh_c);
     for (int64_t r = 0; r < rows; r++) {
@@ -308,7 +306,7 @@ static void cell_forward_block(const void *p, int64_t start, int64_t rows, void 
  * started here measured slower (benchmarks/meta_train_cost.py at --threads 2). */
 void cell_forward(const cell_forward_t *args) {
     for (int64_t start = 0; start < args->n; start += BLOCK)
-        cell_forward_block(args, start, args->n - start < BLOCK ? args->n - start : BLOCK, NULL);
+        cell_forward_block(args, start, args->n - start < BLOCK ? args->n - start : BLOCK);
 }
 
 typedef struct {
@@ -324,9 +322,8 @@ typedef struct {
     float *grad_x, *grad_h_old, *grad_c_old;   /* out, each may be NULL: (n, width), (n, H), (n, H) */
 } cell_backward_t;
 
-static void cell_backward_block(const void *p, int64_t start, int64_t rows, void *out) {
-    const cell_backward_t *a = p;
-    float *grad_weight = out;
+static void cell_backward_block(const cell_backward_t *a, int64_t start, int64_t rows) {
+    float *grad_weight = a->grad_weight;
     const int64_t width = a->width;
     float dg[BLOCK][GP] __attribute__((aligned(64)));   /* the gates' pre-activation gradients */
     float gates[BLOCK][GP] __attribute__((aligned(64)));
@@ -397,6 +394,6 @@ static void cell_backward_block(const void *p, int64_t start, int64_t rows, void
 /* One thread, as cell_forward. grad_weight (and grad_head) accumulate: the caller zeroes them. */
 void cell_backward(const cell_backward_t *args) {
     for (int64_t start = 0; start < args->n; start += BLOCK)
-        cell_backward_block(args, start, args->n - start < BLOCK ? args->n - start : BLOCK, args->grad_weight);
+        cell_backward_block(args, start, args->n - start < BLOCK ? args->n - start : BLOCK);
 }
 #endif

@@ -368,14 +368,15 @@ class _FusedLSTM(torch.autograd.Function):
         features, h, c = features.contiguous(), h.contiguous(), c.contiguous()
         new_h, new_c = torch.empty_like(h), torch.empty_like(c)
         raw = h.new_empty(rows, head.shape[0])
+        transposed = [_transposed(weight) for weight in weights]  # detached copies, reused by the backward
         x = features
-        for layer, weight in enumerate(weights):
+        for layer, weight in enumerate(transposed):
             top = layer == layers - 1
-            tensors = (x, h[layer], c[layer], _transposed(weight), head if top else None, new_h[layer],
-                       new_c[layer], raw if top else None)
+            tensors = (x, h[layer], c[layer], weight, head if top else None, new_h[layer], new_c[layer],
+                       raw if top else None)
             library.cell_forward(_kernel.CellForward(rows, x.shape[1], head.shape[0], *_pointers(tensors)))
             x = new_h[layer]
-        ctx.library = library
+        ctx.library, ctx.transposed = library, transposed
         ctx.save_for_backward(features, h, c, new_h, head, *weights)
         return raw, new_h, new_c
 
@@ -401,7 +402,7 @@ class _FusedLSTM(torch.autograd.Function):
             weight_rows = torch.nn.functional.pad(weight[:, :columns], (0, _padded(2 * hidden) - columns))
             grad_weight = h.new_zeros(width + hidden + 1, _padded(4 * hidden))
             tensors = (grad_h[layer], from_above, grad_c[layer], head if top else None, grad_raw if top else None,
-                       grad_head if top else None, x, h[layer], c[layer], _transposed(weight),
+                       grad_head if top else None, x, h[layer], c[layer], ctx.transposed[layer],
                        weight_rows.contiguous(), grad_weight, grad_x,
                        None if grad_h_old is None else grad_h_old[layer],
                        None if grad_c_old is None else grad_c_old[layer])
@@ -658,11 +659,10 @@ class LSTMRule:
 
     def _kernel_library(self, state_dtype: torch.dtype) -> Any:
         config = self.net.config
-        gates = 4 * config.hidden_size
         return _kernel.load(
             H=config.hidden_size, LAYERS=config.num_layers, NK=len(config.momentum_decays),
             PAPER=int(config.inputs == "paper"), ADAM=int(config.output == "adam"), OUT=self.net.head.out_features,
-            BF16=int(state_dtype == torch.bfloat16), GP=-(-gates // 16) * 16,
+            BF16=int(state_dtype == torch.bfloat16), GP=_padded(4 * config.hidden_size),
         )
 
     def _kernel_update(
@@ -790,7 +790,7 @@ class LSTMRule:
         sizes); a last, partial chunk and every differentiable call run eagerly."""
         if torch.is_grad_enabled():
             return partial(self.net.step, fused=self.fused, kernel=self.kernel is not False)
-        if not self.compile or torch.is_grad_enabled() or rows != self.chunk_size:
+        if not self.compile or rows != self.chunk_size:
             return self.net.step
         if self._compiled is None:
             self._compiled = torch.compile(self.net.step, dynamic=False)

@@ -52,14 +52,19 @@ def _gradients(ps, step):
     return grads
 
 
+def _step_both(ps, qs, fused, ops, grads):
+    """One step of both optimizers with the same gradients."""
+    for p, q, g in zip(ps, qs, grads):
+        p.grad, q.grad = g, g.clone()
+    fused.step()
+    ops.step()
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_kernel_equals_torch_ops(arch):
     ps, qs, fused, ops = _pair(_net(arch))
     for step in range(8):
-        for p, q, g in zip(ps, qs, _gradients(ps, step)):
-            p.grad, q.grad = g, g.clone()
-        fused.step()
-        ops.step()
+        _step_both(ps, qs, fused, ops, _gradients(ps, step))
     for p, q in zip(ps, qs):
         a, b = fused.state[p], ops.state[q]
         assert a.keys() == b.keys()
@@ -74,18 +79,12 @@ def test_kernel_bfloat16_state_within_one_rounding():
     """One step from the same bfloat16 state: the kernel's new state is within one bfloat16 rounding of the ops'."""
     ps, qs, fused, ops = _pair(_net("general"), state_dtype=torch.bfloat16)
     for step in range(3):
-        for p, q, g in zip(ps, qs, _gradients(ps, step)):
-            p.grad, q.grad = g, g.clone()
-        fused.step()
-        ops.step()
+        _step_both(ps, qs, fused, ops, _gradients(ps, step))
         for p, q in zip(ps, qs):  # re-synchronize, so that the comparison is of one step
             for key, value in ops.state[q].items():
                 fused.state[p][key].copy_(value)
             p.data.copy_(q.data)
-    for p, q, g in zip(ps, qs, _gradients(ps, 5)):
-        p.grad, q.grad = g, g.clone()
-    fused.step()
-    ops.step()
+    _step_both(ps, qs, fused, ops, _gradients(ps, 5))
     for p, q in zip(ps, qs):
         for key in ("h", "c"):
             a, b = fused.state[p][key].float(), ops.state[q][key].float()
@@ -120,10 +119,7 @@ def test_state_dict_moves_between_kernel_and_torch_ops():
     ops.load_state_dict(fused.state_dict())
     for p, q in zip(ps, qs):
         q.data.copy_(p.data)
-    for p, q, g in zip(ps, qs, _gradients(ps, 1)):
-        p.grad, q.grad = g, g.clone()
-    fused.step()
-    ops.step()
+    _step_both(ps, qs, fused, ops, _gradients(ps, 1))
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
