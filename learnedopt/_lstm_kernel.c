@@ -25,6 +25,7 @@
 #define ROWS 4                         /* rows per register tile of the gate matmul (32..128 and 2..6 measured */
                                        /* within 5% of these on an AVX-512 CPU) */
 #define MAX_THREADS 64
+#define GRAD_LIMIT 9223372036854775808.0f  /* 2^63: lstm.py's largest_gradient(float32) */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));  /* loads need no alignment */
 
@@ -135,7 +136,7 @@ static int64_t lstm_block(const args_t *a, int64_t start, int64_t rows) {
     float g[BLOCK];
     for (int64_t r = 0; r < rows; r++) {
         float grad = a->grad[start + r];
-        valid[r] = grad - grad == 0.0f;         /* false for NaN and +-Inf (isfinite would block vectorization) */
+        valid[r] = fabsf(grad) <= GRAD_LIMIT;   /* false for NaN, +-Inf and gradients whose square overflows */
         g[r] = valid[r] ? grad : 0.0f;
     }
 #if PAPER
@@ -195,7 +196,7 @@ static int64_t lstm_block(const args_t *a, int64_t start, int64_t rows) {
         for (int64_t r = 0; r < rows; r++) {
             float sum = a->head[o * (H + 1) + H];
             for (int j = 0; j < H; j++) sum += x[r][j] * a->head[o * (H + 1) + j];
-            raw[o][r] = sum;
+            raw[o][r] = sum - sum == 0.0f ? sum : 0.0f;   /* non-finite (a net's NaN weights) counts as zero */
         }
     for (int64_t r = 0; r < rows; r++) {
 #if ADAM

@@ -36,11 +36,18 @@ from torch.autograd.function import once_differentiable
 from . import kernel as _kernel
 from .rules import ParamState, RuleState
 
-__all__ = ["LSTMConfig", "CoordinatewiseLSTM", "LSTMRule", "preprocess_gradient", "INPUTS", "OUTPUTS"]
+__all__ = ["LSTMConfig", "CoordinatewiseLSTM", "LSTMRule", "preprocess_gradient", "largest_gradient", "INPUTS", "OUTPUTS"]
 
 INPUTS = ("paper", "normalized")
 OUTPUTS = ("linear", "adam")
 _EPS = 1e-8  # added to sqrt(v_hat), as Adam's eps
+
+
+def largest_gradient(dtype: torch.dtype) -> float:
+    """The largest gradient magnitude the rule takes in ``dtype``: a power of two whose square, and any running
+    average of such squares, stays finite (``2^63`` for float32, ``2^511`` for float64). Larger ones are skipped
+    as non-finite, the same way in the torch ops and the C kernel (``_lstm_kernel.c``'s ``GRAD_LIMIT``)."""
+    return 2.0 ** (math.frexp(torch.finfo(dtype).max)[1] // 2 - 1)
 
 
 def preprocess_gradient(grad: Tensor, p: float = 10.0) -> Tensor:
@@ -175,9 +182,12 @@ class CoordinatewiseLSTM(nn.Module):
 
         ``nominal`` is the Adam direction ``m_hat / (sqrt(v_hat) + eps)`` and ``seen`` marks coordinates that have
         had a nonzero gradient; both are needed for ``output="adam"`` only. Under autograd the bounded map is one
-        node with a hand-written backward (``fused=False``: autograd's op-by-op record, the reference).
+        node with a hand-written backward (``fused=False``: autograd's op-by-op record, the reference). A
+        non-finite raw output (only a net with non-finite weights makes one) counts as zero, so the update stays
+        finite and, for ``output="adam"``, inside its bound whatever the weights.
         """
         cfg = self.config
+        raw = torch.where(torch.isfinite(raw), raw, 0.0)  # a net with non-finite weights still moves safely
         if cfg.output == "linear":
             return raw[:, 0] * cfg.output_scale
         assert nominal is not None and seen is not None
@@ -511,9 +521,11 @@ class LSTMRule:
     rounding (``tests/test_kernel.py``, ``tests/test_lstm.py``). A step traced by :func:`torch.compile` always
     runs the torch ops.
 
-    Non-finite gradients: a coordinate whose gradient is NaN or +-Inf gets a zero update and keeps its previous
-    hidden state and moments, so a bad gradient never poisons a parameter or the state; ``state["nonfinite"]``
-    counts how many coordinate-steps were skipped this way.
+    Non-finite gradients: a coordinate whose gradient is NaN, +-Inf or larger in magnitude than
+    :func:`largest_gradient` (2^63 for a float32 net: its square would overflow the second moment) gets a zero
+    update and keeps its previous hidden state and moments, so a bad gradient never poisons a parameter or the
+    state, and the coordinate trains on with the next finite gradient; ``state["nonfinite"]`` counts how many
+    coordinate-steps were skipped this way.
 
     Example:
         >>> rule = LSTMRule(CoordinatewiseLSTM())
@@ -585,16 +597,18 @@ class LSTMRule:
                     state = [{k: v.clone() if k in ("h", "c", "m", "v") else v for k, v in s.items()} for s in state]
                 return self._kernel_update(libraries, grads, state, params)
         config = self.net.config
-        flat = [g.reshape(-1) for g in grads]
-        masks = [torch.isfinite(g) for g in flat]
+        flat = [g.reshape(-1).to(self.compute_dtype) for g in grads]
+        limit = largest_gradient(self.compute_dtype)
+        masks = [g.abs() <= limit for g in flat]  # false for NaN, +-Inf and gradients whose square overflows
         # one host sync for the whole group, not one per tensor (each would stall a GPU's queue); under
-        # torch.compile no sync at all: every tensor takes the masked path, which gives the same result
-        if torch.compiler.is_compiling():
+        # torch.compile, and for parameters on the meta device, no sync at all: every tensor takes the masked
+        # path, which gives the same result
+        if torch.compiler.is_compiling() or any(g.is_meta for g in flat):
             clean = [False] * len(masks)
         else:
             clean = torch.stack([m.all() for m in masks]).tolist() if masks else []
         finite = [None if ok else m for ok, m in zip(clean, masks)]
-        flat = [(g if ok else torch.where(m, g, 0.0)).to(self.compute_dtype) for g, ok, m in zip(flat, clean, masks)]
+        flat = [g if ok else torch.where(m, g, 0.0) for g, ok, m in zip(flat, clean, masks)]
         features, nominals, seens, moments = [], [], [], []
         decays = {  # the momenta's decays as a (K, 1) tensor, once per device rather than once per tensor
             device: torch.tensor(config.momentum_decays, dtype=self.compute_dtype, device=device).unsqueeze(1)

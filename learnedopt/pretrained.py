@@ -17,7 +17,7 @@ import torch
 
 from .lstm import CoordinatewiseLSTM, LSTMConfig
 
-__all__ = ["DEFAULT_NET", "list_pretrained", "load_net", "save_net", "net_info", "atomic_save", "load_file"]
+__all__ = ["DEFAULT_NET", "list_pretrained", "load_net", "save_net", "net_info", "atomic_save", "load_file", "non_finite"]
 
 PRETRAINED_DIR = Path(__file__).with_name("pretrained")
 DEFAULT_NET = "general-lstm"
@@ -60,8 +60,9 @@ def net_info(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_net(name_or_path: str | os.PathLike[str]) -> CoordinatewiseLSTM:
     """Build a :class:`CoordinatewiseLSTM` from a packaged name, a ``net.pt`` file or a run folder.
 
-    Raises ``ValueError`` for an unknown name (listing the packaged ones), a corrupt file, or weights that do not
-    fit the saved architecture.
+    Raises ``ValueError`` (one line naming the file) for an unknown name (listing the packaged ones), a corrupt
+    file, weights that do not fit the saved architecture (checked before anything is allocated), or NaN or
+    infinite weights.
 
     Example:
         >>> import learnedopt
@@ -72,20 +73,52 @@ def load_net(name_or_path: str | os.PathLike[str]) -> CoordinatewiseLSTM:
     path = _resolve(name_or_path)
     blob = _read(path)
     known = {f.name for f in fields(LSTMConfig)}
-    config = blob.get("config")
+    config, weights = blob.get("config"), blob.get("state_dict")
     if not isinstance(config, dict) or not set(config) <= known:
         raise ValueError(f"{path} has an unknown architecture description {config!r}; expected keys {sorted(known)}")
-    net = CoordinatewiseLSTM(LSTMConfig.from_dict(config))
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise ValueError(f"{path} holds no weights (its 'state_dict' is not a dict of tensors)")
     try:
-        net.load_state_dict(blob["state_dict"])
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"{path}: the weights do not match the saved LSTM architecture {config}: {err}") from err
+        architecture = LSTMConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} describes an invalid LSTM: {err}") from None
+    # the header's sizes may not exceed what the payload holds: a forged header must not allocate gigabytes
+    largest = max((max(t.shape, default=1) for t in weights.values()), default=0)
+    if architecture.num_layers > len(weights) or architecture.hidden_size > largest:
+        raise ValueError(f"{path}: its weights do not match the architecture its header describes "
+                         f"(hidden_size {architecture.hidden_size}, num_layers {architecture.num_layers}; the "
+                         f"largest weight dimension is {largest}, over {len(weights)} tensors)")
+    with torch.device("meta"):  # shapes only: nothing is allocated until the payload is known to fit
+        net = CoordinatewiseLSTM(architecture)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        wrong = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
+        raise ValueError(f"{path}: its weights do not match the architecture its header describes ({config}); "
+                         f"first difference: {wrong[0]} ({expected.get(wrong[0])} expected, "
+                         f"{found.get(wrong[0])} found)")
+    bad = non_finite(weights)
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights ({', '.join(bad)}): it cannot drive an optimizer; "
+                         "use another net (learnedopt pretrained lists the packaged ones)")
+    net.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, assign=True)
     return net.eval()
 
 
+def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors in ``weights`` holding NaN or an infinity."""
+    return [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_net(net: CoordinatewiseLSTM, path: str | os.PathLike[str], **meta: Any) -> Path:
-    """Write ``net`` (float32, CPU) atomically to ``path`` with optional JSON-like ``meta`` data."""
+    """Write ``net`` (float32, CPU) atomically to ``path`` with optional JSON-like ``meta`` data.
+
+    A net with NaN or infinite weights is refused (``ValueError``): no file ever holds one.
+    """
     path = Path(path)
+    bad = non_finite(net.state_dict())
+    if bad:
+        raise ValueError(f"not writing {path}: the net has non-finite weights ({', '.join(bad)})")
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": _FORMAT,

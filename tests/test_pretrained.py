@@ -58,5 +58,5 @@ def test_architecture_mismatch(tmp_path):
         load_net(path)
     del blob["sha256"]  # a file written without a digest (older versions, other tools)
     torch.save(blob, path)
-    with pytest.raises(ValueError, match="do not match the saved LSTM architecture"):
+    with pytest.raises(ValueError, match="do not match the architecture its header describes"):
         load_net(path)
