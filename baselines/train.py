@@ -19,6 +19,7 @@ from torch import nn
 from learnedopt import CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
 from .omniglot import load_omniglot
 from learnedopt.pretrained import atomic_save, load_file
+from learnedopt.runs import ResumePoint, hold_run_folder
 
 from .episodes import Episode, EpisodeSampler, sample_sinusoids
 from .maml import adapt, maml_step, query_accuracy
@@ -130,11 +131,15 @@ def _load(path: Path, config: FewShotConfig | None) -> dict:
 
 def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool = True,
           time_budget: float | None = None) -> nn.Module:
-    """Meta-train MAML or ProtoNet; writes ``out/checkpoint.pt`` and TensorBoard logs to ``out/tb``."""
+    """Meta-train MAML or ProtoNet; writes ``out/checkpoint.pt`` and TensorBoard logs to ``out/tb``.
+
+    As meta-training does: the folder is held by this process, and on ``KeyboardInterrupt`` the state at the last
+    finished iteration is written as the checkpoint (:class:`~learnedopt.runs.RunInterrupted`), so a resumed run
+    continues exactly.
+    """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = build_model(config).to(config.device)
     inner_net = _inner_net(config)
@@ -142,7 +147,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
     meta_params = list(model.parameters()) + (list(inner_net.parameters()) if inner_net is not None else [])
     opt = torch.optim.Adam(meta_params, lr=config.meta_lr)
     generator = torch.Generator().manual_seed(config.seed)
-    iteration, history = 0, []
+    run = {"iteration": 0, "history": []}
     path = out / "checkpoint.pt"
     if resume and path.is_file():
         ckpt = _load(path, config)
@@ -151,54 +156,65 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
             inner_net.load_state_dict(ckpt["inner_net"])
         opt.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["generator"])
-        iteration, history = ckpt["iteration"], ckpt["history"]
+        run = {"iteration": ckpt["iteration"], "history": ckpt["history"]}
     tasks = _Tasks(config, "train", config.ways, config.shots, config.queries)
     val_ways = config.ways if config.algorithm == "maml" else 5  # ProtoNet trains 60-way, is scored 5-way
     val = _Tasks(config, "val", val_ways, config.shots, 15 if config.dataset == "omniglot" else 10)
-    writer = SummaryWriter(str(out / "tb"))
-    bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, desc=config.algorithm)
-    deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
 
-    def save() -> None:
-        state = {"fewshot_config": asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "generator": generator.get_state(), "iteration": iteration, "history": history}
+    def state() -> dict:
+        saved = {"fewshot_config": asdict(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "generator": generator.get_state(), **run}
         if inner_net is not None:
-            state["inner_net"] = inner_net.state_dict()
-        atomic_save(state, path)
+            saved["inner_net"] = inner_net.state_dict()
+        return saved
 
-    try:
-        while iteration < config.iterations:
-            if config.lr_halving:
-                for group in opt.param_groups:
-                    group["lr"] = config.meta_lr * 0.5 ** (iteration // config.lr_halving)
-            if config.algorithm == "maml":
-                episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
-                loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr, _criterion(config),
-                                 config.first_order, rule, batched=config.dataset == "omniglot")
-            else:
-                opt.zero_grad()
-                result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
-                result.meta_loss.backward()
-                opt.step()
-                loss = result.meta_loss.item()
-            iteration += 1
-            writer.add_scalar("train/meta_loss", loss, iteration)
-            bar.update()
-            out_of_time = time.perf_counter() >= deadline
-            last = iteration == config.iterations or out_of_time
-            if iteration % config.eval_every == 0 or last:
-                g = torch.Generator().manual_seed(config.seed + 1)
-                score = sum(_score(config, model, val.sample(g), config.inner_steps, rule) for _ in range(100)) / 100
-                history.append({"iteration": iteration, "meta_loss": loss, "val": score})
-                writer.add_scalar("val/score", score, iteration)
-                bar.set_postfix(loss=f"{loss:.3f}", val=f"{score:.3f}")
-            if iteration % config.checkpoint_every == 0 or last:
-                save()
-            if out_of_time:
-                break
-    finally:
-        bar.close()
-        writer.close()
+    def save(saved: dict) -> None:
+        atomic_save(saved, path)
+
+    with hold_run_folder(out):
+        writer = SummaryWriter(str(out / "tb"))
+        bar = tqdm(total=config.iterations, initial=run["iteration"], disable=not progress, desc=config.algorithm)
+        deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
+        resume_point = ResumePoint(out, state, save)
+        resume_point.mark()
+        try:
+            with resume_point.written_on_interrupt():
+                while run["iteration"] < config.iterations:
+                    iteration = run["iteration"]
+                    if config.lr_halving:
+                        for group in opt.param_groups:
+                            group["lr"] = config.meta_lr * 0.5 ** (iteration // config.lr_halving)
+                    if config.algorithm == "maml":
+                        episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
+                        loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr,
+                                         _criterion(config), config.first_order, rule,
+                                         batched=config.dataset == "omniglot")
+                    else:
+                        opt.zero_grad()
+                        result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
+                        result.meta_loss.backward()
+                        opt.step()
+                        loss = result.meta_loss.item()
+                    iteration = run["iteration"] = iteration + 1
+                    writer.add_scalar("train/meta_loss", loss, iteration)
+                    bar.update()
+                    out_of_time = time.perf_counter() >= deadline
+                    last = iteration == config.iterations or out_of_time
+                    if iteration % config.eval_every == 0 or last:
+                        g = torch.Generator().manual_seed(config.seed + 1)
+                        score = sum(_score(config, model, val.sample(g), config.inner_steps, rule)
+                                    for _ in range(100)) / 100
+                        run["history"].append({"iteration": iteration, "meta_loss": loss, "val": score})
+                        writer.add_scalar("val/score", score, iteration)
+                        bar.set_postfix(loss=f"{loss:.3f}", val=f"{score:.3f}")
+                    saved = resume_point.mark()
+                    if iteration % config.checkpoint_every == 0 or last:
+                        save(saved)
+                    if out_of_time:
+                        break
+        finally:
+            bar.close()
+            writer.close()
     return model
 
 

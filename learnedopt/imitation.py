@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .lstm import LSTMRule
 from .rules import UpdateRule
+from .runs import FiniteSteps
 from .tasks import Task
 
 __all__ = ["imitation_step", "step_mismatch"]
@@ -35,11 +36,15 @@ def imitation_step(
     generator: torch.Generator,
     clip: float = 1.0,
     reduce: Callable[[list[Tensor]], None] | None = None,
+    finite_steps: FiniteSteps | None = None,
+    label: str = "imitation",
 ) -> float:
     """One imitation iteration: ``steps`` teacher steps on ``task``, one update of ``rule.net`` every ``unroll``.
 
     Returns the mean :func:`step_mismatch` per step and tensor. ``reduce`` (e.g. an all-reduce mean under
-    ``torch.distributed``) is applied to the gradients of the net's weights before each update.
+    ``torch.distributed``) is applied to the gradients of the net's weights before each update; ``finite_steps`` takes
+    the updates, skipping non-finite ones (a fresh :class:`~learnedopt.runs.FiniteSteps` by default; ``label``
+    names this call in its messages).
 
     Example:
         >>> import torch, learnedopt
@@ -57,6 +62,7 @@ def imitation_step(
     teacher_state = teacher.init(theta)
     state = rule.init(theta)
     meta_params = list(rule.net.parameters())
+    finite_steps = finite_steps or FiniteSteps()
     total, count = 0.0, 0
     for start in range(0, steps, unroll):
         loss = torch.zeros(())
@@ -73,10 +79,10 @@ def imitation_step(
             theta = [p + v for p, v in zip(theta, target)]
         meta_opt.zero_grad()
         loss.backward()
+        mismatch = loss.detach().reshape(1)
         if reduce is not None:
-            reduce([p.grad for p in meta_params if p.grad is not None])
-        torch.nn.utils.clip_grad_norm_(meta_params, clip)
-        meta_opt.step()
+            reduce([*(p.grad for p in meta_params if p.grad is not None), mismatch])
+        finite_steps.step(meta_opt, meta_params, clip, mismatch, label)
         total += float(loss.detach())
         state = [{k: v.detach() for k, v in s.items()} for s in state]
     return total / max(count, 1)

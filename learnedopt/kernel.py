@@ -249,6 +249,10 @@ def _open(defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL:
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(data)
+        except OSError as err:  # a full disk: the cached library itself is fine
+            os.unlink(copy)
+            raise KernelUnavailable(f"cannot write a private copy of the library in {folder}: {err}") from None
+        try:
             library = ctypes.CDLL(copy)
             library.lstm_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
             library.lstm_step.restype = ctypes.c_int64

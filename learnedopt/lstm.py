@@ -648,7 +648,9 @@ class LSTMRule:
         config = self.net.config
         moments = ("m", "v") if config.uses_moments else ()
         reason = None
-        if any(g.device.type != "cpu" for g in grads):
+        if any(type(g) is not torch.Tensor for g in grads):  # DTensor, FakeTensor, ...: no plain data pointer
+            reason = "it takes plain tensors only (not a tensor subclass)"
+        elif any(g.device.type != "cpu" for g in grads):
             reason = "it runs on CPU tensors only"
         elif self.compute_dtype != torch.float32:
             reason = f"it needs a float32 net, this one is {self.compute_dtype}"
@@ -662,6 +664,7 @@ class LSTMRule:
         ):
             reason = "it needs a contiguous float32 or bfloat16 hidden state and float32 moments"
         if reason is None:
+            self._check_state_sizes(grads, state)
             try:
                 return {dtype: self._kernel_library(dtype) for dtype in {s["h"].dtype for s in state}}
             except _kernel.KernelUnavailable as err:
@@ -670,6 +673,21 @@ class LSTMRule:
             raise RuntimeError(f"the fused CPU step was required (LearnedOptimizer(fused=True), LSTMRule(kernel=True)) "
                                f"but cannot run: {reason}; leave it at None to fall back to torch ops")
         return None
+
+    def _check_state_sizes(self, grads: Sequence[Tensor], state: RuleState) -> None:
+        """The kernel writes every state tensor in full: one that does not fit its gradient (a state loaded from
+        another model or another sharding) is an error here, never memory written out of bounds."""
+        config = self.net.config
+        for g, s in zip(grads, state):
+            n = g.numel()
+            expected = {"h": (config.num_layers, n, config.hidden_size), "c": (config.num_layers, n, config.hidden_size)}
+            if config.uses_moments:
+                expected.update(m=(len(config.momentum_decays), n), v=(n,))
+            wrong = [k for k, shape in expected.items() if tuple(s[k].shape) != shape]
+            if wrong:
+                raise ValueError(f"the optimizer state {wrong} has shape {tuple(s[wrong[0]].shape)} but a parameter "
+                                 f"of {n} coordinates needs {expected[wrong[0]]}: was the state loaded from another "
+                                 "model or another sharding?")
 
     def _kernel_library(self, state_dtype: torch.dtype) -> Any:
         config = self.net.config

@@ -12,11 +12,19 @@ import math
 import os
 import warnings
 from dataclasses import asdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch < 2.5 kept it private; builds without torch.distributed have none
+    try:
+        from torch.distributed._tensor import DTensor as _DTensor  # type: ignore[no-redef]
+    except ImportError:
+        _DTensor = None  # type: ignore[assignment,misc]
 
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
 from .pretrained import payload_digest
@@ -38,6 +46,15 @@ def net_identity(net: CoordinatewiseLSTM) -> dict[str, Any]:
     """The architecture and a SHA-256 digest of the weights of ``net``: what a saved hidden state belongs to."""
     weights = {k: v.to(torch.float32) for k, v in net.state_dict().items()}  # as save_net writes them
     return {"config": asdict(net.config), "digest": payload_digest(weights)}
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's shard of a ``DTensor`` (FSDP2, tensor parallelism), as a view whose in-place updates change
+    the parameter; any other tensor as it is. Coordinatewise rules never need the global tensor, so their state
+    is sized, kept and saved per shard."""
+    if _DTensor is not None and isinstance(tensor, _DTensor):
+        return tensor.to_local()
+    return tensor
 
 
 class RuleOptimizer(Optimizer):
@@ -111,13 +128,14 @@ class RuleOptimizer(Optimizer):
                 by_device.setdefault(p.device, []).append(p)
             for device, params in by_device.items():
                 rule = self._rule_for(device)
-                for p in params:
+                local = [_local(p) for p in params]  # the rule runs on this process's shard of each tensor
+                for p, shard in zip(params, local):
                     if not self.state[p]:
-                        self.state[p].update(rule.init([p])[0])
-                grads = [p.grad for p in params if p.grad is not None]
-                updates, new_state = self._apply_rule(rule, grads, [self.state[p] for p in params], params)
-                for p, u, s in zip(params, updates, new_state):
-                    p.add_(u, alpha=float(group["lr"]))
+                        self.state[p].update(rule.init([shard])[0])
+                grads = [_local(cast(Tensor, p.grad)) for p in params]
+                updates, new_state = self._apply_rule(rule, grads, [self.state[p] for p in params], local)
+                for p, shard, u, s in zip(params, local, updates, new_state):
+                    shard.add_(u, alpha=float(group["lr"]))
                     self.state[p].update(s)
         return loss
 

@@ -29,7 +29,8 @@ from .estimators import ESTIMATORS, AntitheticES, GradientEstimator, PersistentE
 from .evaluation import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
 from .imitation import imitation_step
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
-from .pretrained import atomic_save, load_file, load_net, save_net
+from .pretrained import atomic_save, load_file, load_net, non_finite, save_net
+from .runs import FiniteSteps, MetaTrainingDiverged, ResumePoint, hold_run_folder
 from .tasks import RescaledTask, Task, TaskFamily
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "meta_train"]
@@ -75,6 +76,7 @@ class MetaTrainConfig:
     es_pairs: int = 8  # antithetic pairs per truncation (es, pes)
     es_sigma: float = 0.01  # standard deviation of the weight perturbations (es, pes)
     checkpoint: int = 0  # tbptt: recompute segments of this many steps in backward instead of storing them
+    max_skipped: int = 20  # meta-steps in a row with non-finite meta-gradients (all skipped) before the run stops
 
     def __post_init__(self) -> None:
         self.curriculum = tuple(self.curriculum)
@@ -85,6 +87,8 @@ class MetaTrainConfig:
             raise ValueError("rescale, imitation and output_scale must be >= 0 and patience >= 1")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.max_skipped < 1:
+            raise ValueError(f"max_skipped must be >= 1, got {self.max_skipped}")
         if self.checkpoint < 0:
             raise ValueError(f"checkpoint must be >= 0 (0: store every step), got {self.checkpoint}")
         if self.es_pairs < 1 or not self.es_sigma > 0:
@@ -163,27 +167,35 @@ class MetaTrainer:
         self.stage_best = math.inf
         self.stale = 0  # evaluations since the stage's score last improved
         self.imitated = 0  # imitation iterations done
+        self.finite_steps = FiniteSteps(config.max_skipped)
         checkpoint = self.out / "checkpoint.pt"
         if resume and checkpoint.is_file():
             self._load(checkpoint)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _save(self) -> None:
-        atomic_save(
-            {
-                "config": asdict(self.config),
-                "iteration": self.iteration,
-                "net": self.net.state_dict(),
-                "meta_opt": self.meta_opt.state_dict(),
-                "generator": self.generator.get_state(),
-                "best_score": self.best_score,
-                "adam_lrs": self.adam_lrs,
-                "history": self.history,
-                "curriculum": {"stage": self.stage, "stage_best": self.stage_best, "stale": self.stale},
-                "imitated": self.imitated,
-            },
-            self.out / "checkpoint.pt",
-        )
+    def _state(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly (what ``checkpoint.pt`` holds)."""
+        return {
+            "config": asdict(self.config),
+            "iteration": self.iteration,
+            "net": self.net.state_dict(),
+            "meta_opt": self.meta_opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "best_score": self.best_score,
+            "adam_lrs": self.adam_lrs,
+            "history": self.history,
+            "curriculum": {"stage": self.stage, "stage_best": self.stage_best, "stale": self.stale},
+            "imitated": self.imitated,
+            "finite_steps": self.finite_steps.state_dict(),
+        }
+
+    def _save(self, state: dict[str, Any] | None = None) -> None:
+        state = state or self._state()
+        bad = non_finite(state["net"])
+        if bad:  # FiniteSteps never lets this happen; a checkpoint must not carry such weights on
+            raise MetaTrainingDiverged(f"not writing {self.out / 'checkpoint.pt'}: the net's weights {bad} are "
+                                       f"not finite at iteration {state['iteration']}")
+        atomic_save(state, self.out / "checkpoint.pt")
 
     def _load(self, path: Path) -> None:
         ckpt = load_file(path, "meta-training checkpoint")
@@ -216,6 +228,7 @@ class MetaTrainer:
             "stale", 0
         )
         self.imitated = ckpt.get("imitated", 0)
+        self.finite_steps = FiniteSteps(self.config.max_skipped, **ckpt.get("finite_steps", {}))
 
     # -- training ----------------------------------------------------------------------------------------------
     def meta_step(self) -> float:
@@ -234,7 +247,7 @@ class MetaTrainer:
         rule = LSTMRule(self.net, fused=self.fused)
         meta_params = list(self.net.parameters())
         transform = torch.log if cfg.objective == "log" else None
-        total = torch.zeros((), dtype=torch.float64)
+        total, stepped = torch.zeros((), dtype=torch.float64), 0
         for start in range(0, horizon, cfg.unroll):
 
             def batch(t: int, start: int = start) -> Any:
@@ -243,14 +256,14 @@ class MetaTrainer:
             grads, meta_loss, carry = estimator.estimate(
                 meta_params, rule, task.loss, carry, cfg.unroll, batch, transform=transform, generator=self.generator
             )
-            all_reduce_mean(grads)
+            loss = torch.tensor([meta_loss], dtype=grads[0].dtype, device=grads[0].device)
+            all_reduce_mean([*grads, loss])  # one collective; every rank then makes the same skip decision
             for p, g in zip(meta_params, grads):
                 p.grad = g
-            torch.nn.utils.clip_grad_norm_(meta_params, cfg.clip)
-            self.meta_opt.step()
-            total += meta_loss
-        all_reduce_mean([total])
-        return total.item() / (horizon // cfg.unroll)
+            if self.finite_steps.step(self.meta_opt, meta_params, cfg.clip, loss, f"iteration {self.iteration + 1}"):
+                total += loss.double().cpu()[0]
+                stepped += 1
+        return total.item() / stepped if stepped else math.nan
 
     @property
     def horizon(self) -> int:
@@ -281,7 +294,7 @@ class MetaTrainer:
         teacher = BASELINES["Adam"](self._adam_lr(family, cfg.horizon))
         return imitation_step(
             LSTMRule(self.net), teacher, task, cfg.horizon, cfg.unroll, self.meta_opt, self.generator, cfg.clip,
-            reduce=all_reduce_mean,
+            reduce=all_reduce_mean, finite_steps=self.finite_steps, label=f"imitation iteration {self.imitated + 1}",
         )
 
     def _estimator(self) -> GradientEstimator:
@@ -319,67 +332,81 @@ class MetaTrainer:
         """Run (or continue) training up to ``config.iterations``; returns the selected net.
 
         ``time_budget`` (seconds) ends training early, after a held-out evaluation and a checkpoint, once the
-        budget is spent; ``--resume`` continues from there.
+        budget is spent; ``--resume`` continues from there. The folder is held by this process for the run
+        (another one is refused, :class:`~learnedopt.runs.RunFolderInUse`); on ``KeyboardInterrupt`` the state at
+        the last finished iteration is written as the checkpoint and :class:`~learnedopt.runs.RunInterrupted`
+        raised, so a resumed run ends bit-identical to one never interrupted. Meta-steps with non-finite
+        meta-gradients are skipped (:class:`~learnedopt.runs.FiniteSteps`; ``max_skipped`` in a row raise
+        :class:`~learnedopt.runs.MetaTrainingDiverged`), and no file is written with non-finite weights.
         """
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
         cfg = self.config
         lead = rank_and_world()[0] == 0  # rank 0 alone evaluates, logs and writes files
-        if lead:
-            self.out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(self.out / "tb")) if lead else None
-        bar = tqdm(
-            total=cfg.iterations, initial=self.iteration, disable=not (self.progress and lead), desc="meta-train",
-            unit="it",
-        )
-        deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
-        try:
-            while self.imitated < cfg.imitation and time.perf_counter() < deadline:
-                mismatch = self.imitate()
-                self.imitated += 1
-                bar.set_postfix(imitation=f"{mismatch:.3g}")
+        with hold_run_folder(self.out, lead):
+            writer = SummaryWriter(str(self.out / "tb")) if lead else None
+            bar = tqdm(
+                total=cfg.iterations, initial=self.iteration, disable=not (self.progress and lead),
+                desc="meta-train", unit="it",
+            )
+            resume_point = ResumePoint(self.out, self._state, self._save, lead)
+            resume_point.mark()
+            try:
+                with resume_point.written_on_interrupt():
+                    self._train(time_budget, writer, bar, resume_point)
+            finally:
+                bar.close()
                 if writer is not None:
-                    writer.add_scalar("imitation/step_mismatch", mismatch, self.imitated)
-                    if self.imitated == cfg.imitation:
-                        self._save()
-            if cfg.init_net and self.iteration == 0 and not self.history and writer is not None:
-                self._evaluate_and_select(writer, math.nan)  # fine-tuning must beat its starting point
-            while self.iteration < cfg.iterations:
-                started = time.perf_counter()
-                meta_loss = self.meta_step()
-                self.iteration += 1
-                out_of_time = any_rank(started >= deadline or time.perf_counter() >= deadline, cfg.device)
-                bar.set_postfix(meta_loss=f"{meta_loss:.3g}")
-                bar.update()
-                last = self.iteration == cfg.iterations or out_of_time
-                evaluating = self.iteration % cfg.eval_every == 0 or last
-                advance = False
-                if writer is not None:
-                    writer.add_scalar("meta_loss", meta_loss, self.iteration)
-                    writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
-                    if evaluating:
-                        score = self._evaluate_and_select(writer, meta_loss)
-                        bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{score:.3f}")
-                        advance = self._stage_is_done(score)
-                if evaluating and self.stage < len(cfg.curriculum) and any_rank(advance, cfg.device):
-                    self._next_stage()
-                    if writer is not None:
-                        writer.add_scalar("curriculum/horizon", self.horizon, self.iteration)
-                if writer is not None:
-                    if self.iteration % cfg.checkpoint_every == 0 or last:
-                        self._save_net("last.pt")
-                        self._save()
-                if out_of_time:
-                    break
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        if lead and not (self.out / "net.pt").is_file():
-            self._save_net("net.pt")
-        _barrier()
+                    writer.close()
+            if lead and not (self.out / "net.pt").is_file():
+                self._save_net("net.pt")
+            _barrier()
         return load_net(self.out / "net.pt")
+
+    def _train(self, time_budget: float | None, writer: Any, bar: Any, resume_point: ResumePoint) -> None:
+        """:meth:`train`'s loop: imitation, then meta-iterations, each ending at a resume point."""
+        cfg = self.config
+        deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
+        while self.imitated < cfg.imitation and time.perf_counter() < deadline:
+            mismatch = self.imitate()
+            self.imitated += 1
+            bar.set_postfix(imitation=f"{mismatch:.3g}")
+            state = resume_point.mark()
+            if writer is not None:
+                writer.add_scalar("imitation/step_mismatch", mismatch, self.imitated)
+                if self.imitated == cfg.imitation:
+                    self._save(state)
+        if cfg.init_net and self.iteration == 0 and not self.history and writer is not None:
+            self._evaluate_and_select(writer, math.nan)  # fine-tuning must beat its starting point
+        while self.iteration < cfg.iterations:
+            started = time.perf_counter()
+            meta_loss = self.meta_step()
+            self.iteration += 1
+            out_of_time = any_rank(started >= deadline or time.perf_counter() >= deadline, cfg.device)
+            bar.set_postfix(meta_loss=f"{meta_loss:.3g}")
+            bar.update()
+            last = self.iteration == cfg.iterations or out_of_time
+            evaluating = self.iteration % cfg.eval_every == 0 or last
+            advance = False
+            if writer is not None:
+                writer.add_scalar("meta_loss", meta_loss, self.iteration)
+                writer.add_scalar("meta/skipped_steps", self.finite_steps.skipped, self.iteration)
+                writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
+                if evaluating:
+                    score = self._evaluate_and_select(writer, meta_loss)
+                    bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{score:.3f}")
+                    advance = self._stage_is_done(score)
+            if evaluating and self.stage < len(cfg.curriculum) and any_rank(advance, cfg.device):
+                self._next_stage()
+                if writer is not None:
+                    writer.add_scalar("curriculum/horizon", self.horizon, self.iteration)
+            state = resume_point.mark()
+            if writer is not None and (self.iteration % cfg.checkpoint_every == 0 or last):
+                self._save_net("last.pt")
+                self._save(state)
+            if out_of_time:
+                break
 
     def _evaluate_and_select(self, writer: Any, meta_loss: float) -> float:
         """Score the net on held-out tasks, log it, and write ``net.pt`` if it is the best so far."""

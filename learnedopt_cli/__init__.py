@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--es-sigma", type=float, default=0.01, help="perturbation standard deviation (es, pes)")
     mt.add_argument("--checkpoint-segment", type=int, default=0, metavar="K",
                     help="tbptt: recompute K-step segments in backward instead of storing them (saves memory)")
+    mt.add_argument("--max-skipped", type=_positive, default=20, metavar="N",
+                    help="stop once N meta-steps in a row had non-finite meta-gradients (each is skipped)")
     mt.add_argument("--inputs", choices=["paper", "normalized"], default="normalized",
                     help="LSTM inputs: the paper's (log|g|, sign g) or gradient and momenta over their RMS")
     mt.add_argument("--output", choices=["linear", "adam"], default="adam",
@@ -166,12 +170,30 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         torch.set_num_threads(1)  # 10-d quadratics are tiny: extra threads only add synchronization
     command = "learnedopt " + shlex.join(sys.argv[1:] if argv is None else argv)
+    from learnedopt.runs import MetaTrainingDiverged, RunInterrupted
+
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:  # SIGTERM (schedulers, `kill`) stops a run as Ctrl-C does
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         _check_arguments(args)
         return _dispatch(args, command)
-    except (ValueError, OSError) as err:  # includes DataNotFoundError and unwritable folders
+    except (ValueError, OSError) as err:  # includes DataNotFoundError, unwritable folders and a full disk
         print(f"learnedopt: error: {err}", file=sys.stderr)
         return 2
+    except MetaTrainingDiverged as err:
+        print(f"learnedopt: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(f"learnedopt: {err if isinstance(err, RunInterrupted) else 'interrupted'}", file=sys.stderr)
+        return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -236,6 +258,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             es_pairs=args.es_pairs,
             es_sigma=args.es_sigma,
             checkpoint=args.checkpoint_segment,
+            max_skipped=args.max_skipped,
             inputs=args.inputs,
             output=args.output,
             output_scale=args.output_scale,

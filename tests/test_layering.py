@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ABOVE_LIBRARY = {"meta_train", "baselines", "learnedopt_cli", "benchmarks", "tests"}
 # the engine: the update-rule core, the optimizer, the unroll and what it needs; never the meta-training library
 ENGINE = {"rules", "lstm", "kernel", "optimizer", "unroll", "estimators", "pretrained"}
-META_TRAINING = {"tasks", "trainer", "evaluation", "imitation", "distributed", "data"}
+META_TRAINING = {"tasks", "trainer", "evaluation", "imitation", "distributed", "data", "runs"}
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:

@@ -217,14 +217,15 @@ def test_fine_tuning_keeps_its_starting_net_when_training_only_makes_it_worse(tm
     def ruinous_meta_step(self):
         with torch.no_grad():
             for p in self.net.parameters():
-                p.fill_(float("nan"))
+                p.zero_()
+            self.net.head.bias.copy_(torch.tensor([-10.0, 10.0]))  # tiny Adam steps, a full-size blind drift
         return 0.0
 
     monkeypatch.setattr(learnedopt.MetaTrainer, "meta_step", ruinous_meta_step)
     learnedopt.meta_train(family(), tmp_path, progress=False, init_net=learnedopt.DEFAULT_NET,
                           **{**SETTINGS, "iterations": 2, "eval_every": 2})
     history = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
-    assert [h["iteration"] for h in history] == [0, 2] and history[1]["eval/score"] == float("inf")
+    assert [h["iteration"] for h in history] == [0, 2] and history[1]["eval/score"] > history[0]["eval/score"]
     shipped, original = load_net(tmp_path / "net.pt"), load_net(learnedopt.DEFAULT_NET)
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in shipped.state_dict().items())
 
