@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -147,7 +147,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
     meta_params = list(model.parameters()) + (list(inner_net.parameters()) if inner_net is not None else [])
     opt = torch.optim.Adam(meta_params, lr=config.meta_lr)
     generator = torch.Generator().manual_seed(config.seed)
-    run = {"iteration": 0, "history": []}
+    run: dict[str, Any] = {"iteration": 0, "history": []}  # what changes as it trains, beside the weights
     path = out / "checkpoint.pt"
     if resume and path.is_file():
         ckpt = _load(path, config)

@@ -183,11 +183,14 @@ def _cached(library: Path, identity: dict[str, str]) -> bytes | None:
         data = library.read_bytes()
     except (OSError, ValueError):
         return None
-    private = (stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
-               and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        warnings.warn(f"learnedopt: not loading {library}: it is not a regular file of this user's that only this "
+                      f"user can write (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); rebuilding "
+                      "it", stacklevel=5)
+        return None
     genuine = (isinstance(manifest, dict) and manifest.get("identity") == identity
                and manifest.get("library_sha256") == _digest(data))
-    return data if private and genuine else None
+    return data if genuine else None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -680,7 +680,8 @@ class LSTMRule:
         config = self.net.config
         for g, s in zip(grads, state):
             n = g.numel()
-            expected = {"h": (config.num_layers, n, config.hidden_size), "c": (config.num_layers, n, config.hidden_size)}
+            layers = (config.num_layers, n, config.hidden_size)
+            expected: dict[str, tuple[int, ...]] = {"h": layers, "c": layers}
             if config.uses_moments:
                 expected.update(m=(len(config.momentum_decays), n), v=(n,))
             wrong = [k for k, shape in expected.items() if tuple(s[k].shape) != shape]

@@ -197,15 +197,17 @@ class LearnedOptimizer(RuleOptimizer):
             within float rounding.
 
     The default net (``general-lstm``, ``output="adam"`` in its :class:`~learnedopt.LSTMConfig`) is safe by
-    construction, whatever its weights: each coordinate moves by at most ``lr * output_scale *
+    construction, whatever its weights (NaN included): each coordinate moves by at most ``lr * output_scale *
     (magnitude_range + 1)`` per step (1e-3 * 101 for ``general-lstm`` at ``lr=1``), and a coordinate whose
     gradient has always been exactly zero does not move. The paper-faithful nets (``mnist-lstm``,
     ``quadratic-lstm``) have an unbounded linear output.
 
     Per-parameter hidden state lives in ``self.state[p]`` (``"h"``, ``"c"``, ``"nonfinite"``, and the running
     moments ``"m"``, ``"v"``, ``"step"`` for nets that use them), so ``state_dict()`` / ``load_state_dict()``
-    round-trip exactly. A NaN or infinite gradient coordinate gets a zero update and keeps its state;
-    ``state[p]["nonfinite"]`` counts such coordinate-steps.
+    round-trip exactly. A NaN or infinite gradient coordinate, or one whose square would overflow
+    (:func:`~learnedopt.lstm.largest_gradient`), gets a zero update and keeps its state;
+    ``state[p]["nonfinite"]`` counts such coordinate-steps. A ``DTensor`` parameter (FSDP2) is stepped on its
+    local shard, with state per shard.
 
     Example:
         >>> import torch, learnedopt
