@@ -160,18 +160,18 @@ def _library_folder() -> Path:
     return _PRIVATE[0]
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _identity(defines: tuple[tuple[str, int], ...]) -> dict[str, str]:
     """What a library is built from: the source's digest, the flags with the net's sizes, this CPU."""
     flags = [*_FLAGS, *(f"-D{name}={value}" for name, value in defines)]
     return {
-        "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "source_sha256": _digest(SOURCE.read_bytes()),
         "flags": " ".join(flags),
-        "cpu_sha256": hashlib.sha256(_cpu_identity().encode()).hexdigest(),
+        "cpu_sha256": _digest(_cpu_identity().encode()),
     }
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _cached(library: Path, identity: dict[str, str]) -> bytes | None:

@@ -331,10 +331,12 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _cell_kernel(weights: Sequence[Tensor], features: Tensor, h: Tensor, c: Tensor) -> Any | None:
     """The C library whose ``cell_forward``/``cell_backward`` run these layers, or ``None`` where they do not apply
-    (not float32 CPU tensors, more input features than hidden units, no C compiler): then the torch ops run."""
+    (not plain float32 CPU tensors, more input features than hidden units, no C compiler): then the torch ops run."""
     hidden = h.shape[-1]
     tensors = (*weights, features, h, c)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or features.shape[1] > hidden:
+    if any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None  # a tensor subclass (DTensor, ...) has no plain data pointer: the torch ops run
+    if features.shape[1] > hidden:
         return None
     try:  # the cell's code depends on the hidden size only; the other constants pick the float32-state build
         return _kernel.load(H=hidden, LAYERS=1, NK=1, PAPER=0, ADAM=0, OUT=1, BF16=0, GP=_padded(4 * hidden))
