@@ -8,7 +8,6 @@ settings fails with a message that says which.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ from torch import nn
 from learnedopt import CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
 from .omniglot import load_omniglot
 from learnedopt.pretrained import atomic_save, load_file
-from learnedopt.runs import ResumePoint, hold_run_folder
+from learnedopt.runs import RunLoop
 
 from .episodes import Episode, EpisodeSampler, sample_sinusoids
 from .maml import adapt, maml_step, query_accuracy
@@ -133,12 +132,10 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
           time_budget: float | None = None) -> nn.Module:
     """Meta-train MAML or ProtoNet; writes ``out/checkpoint.pt`` and TensorBoard logs to ``out/tb``.
 
-    As meta-training does: the folder is held by this process, and on ``KeyboardInterrupt`` the state at the last
-    finished iteration is written as the checkpoint (:class:`~learnedopt.runs.RunInterrupted`), so a resumed run
-    continues exactly.
+    In the run loop meta-training uses (:class:`~learnedopt.runs.RunLoop`): the folder is held by this process,
+    and on ``KeyboardInterrupt`` the state at the last finished iteration is written as the checkpoint
+    (:class:`~learnedopt.runs.RunInterrupted`), so a resumed run continues exactly.
     """
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(config.device)
@@ -171,50 +168,37 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
     def save(saved: dict) -> None:
         atomic_save(saved, path)
 
-    with hold_run_folder(out):
-        writer = SummaryWriter(str(out / "tb"))
-        bar = tqdm(total=config.iterations, initial=run["iteration"], disable=not progress, desc=config.algorithm)
-        deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
-        resume_point = ResumePoint(out, state, save)
-        resume_point.mark()
-        try:
-            with resume_point.written_on_interrupt():
-                while run["iteration"] < config.iterations:
-                    iteration = run["iteration"]
-                    if config.lr_halving:
-                        for group in opt.param_groups:
-                            group["lr"] = config.meta_lr * 0.5 ** (iteration // config.lr_halving)
-                    if config.algorithm == "maml":
-                        episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
-                        loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr,
-                                         _criterion(config), config.first_order, rule,
-                                         batched=config.dataset == "omniglot")
-                    else:
-                        opt.zero_grad()
-                        result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
-                        result.meta_loss.backward()
-                        opt.step()
-                        loss = result.meta_loss.item()
-                    iteration = run["iteration"] = iteration + 1
-                    writer.add_scalar("train/meta_loss", loss, iteration)
-                    bar.update()
-                    out_of_time = time.perf_counter() >= deadline
-                    last = iteration == config.iterations or out_of_time
-                    if iteration % config.eval_every == 0 or last:
-                        g = torch.Generator().manual_seed(config.seed + 1)
-                        score = sum(_score(config, model, val.sample(g), config.inner_steps, rule)
-                                    for _ in range(100)) / 100
-                        run["history"].append({"iteration": iteration, "meta_loss": loss, "val": score})
-                        writer.add_scalar("val/score", score, iteration)
-                        bar.set_postfix(loss=f"{loss:.3f}", val=f"{score:.3f}")
-                    saved = resume_point.mark()
-                    if iteration % config.checkpoint_every == 0 or last:
-                        save(saved)
-                    if out_of_time:
-                        break
-        finally:
-            bar.close()
-            writer.close()
+    run_loop = RunLoop(out, iterations=config.iterations, start=run["iteration"], eval_every=config.eval_every,
+                       checkpoint_every=config.checkpoint_every, state=state, save=save, time_budget=time_budget,
+                       progress=progress, desc=config.algorithm)
+    with run_loop:
+        while run["iteration"] < config.iterations:
+            iteration = run["iteration"]
+            if config.lr_halving:
+                for group in opt.param_groups:
+                    group["lr"] = config.meta_lr * 0.5 ** (iteration // config.lr_halving)
+            if config.algorithm == "maml":
+                episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
+                loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr, _criterion(config),
+                                 config.first_order, rule, batched=config.dataset == "omniglot")
+            else:
+                opt.zero_grad()
+                result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
+                result.meta_loss.backward()
+                opt.step()
+                loss = result.meta_loss.item()
+            iteration = run["iteration"] = iteration + 1
+            cadence = run_loop.finished(iteration)
+            run_loop.log("train/meta_loss", loss, iteration)
+            if cadence.evaluate:
+                g = torch.Generator().manual_seed(config.seed + 1)
+                score = sum(_score(config, model, val.sample(g), config.inner_steps, rule) for _ in range(100)) / 100
+                run["history"].append({"iteration": iteration, "meta_loss": loss, "val": score})
+                run_loop.log("val/score", score, iteration)
+                run_loop.bar.set_postfix(loss=f"{loss:.3f}", val=f"{score:.3f}")
+            run_loop.end(cadence)
+            if cadence.out_of_time:
+                break
     return model
 
 

@@ -4,7 +4,7 @@
 block of coordinates that stays in cache, ~3x faster than the torch ops on a CPU (``benchmarks/step.py``), and
 the differentiable LSTM cell's forward and backward for meta-training (``benchmarks/meta_train_cost.py``).
 It is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``), for this CPU
-(``-march=native``) and with the net's sizes as constants, in well under a second, then loaded with
+(``-march=native``) and with the net's sizes as constants, once per net architecture, then loaded with
 :mod:`ctypes`: no torch headers, no ninja, nothing to build at install. The library is cached under
 ``$LEARNEDOPT_KERNEL_CACHE`` (default ``~/.cache/learnedopt/kernels``), keyed by the source, the flags and this
 CPU's model and feature flags, so a home directory shared by different machines never loads

@@ -191,7 +191,7 @@ class LearnedOptimizer(RuleOptimizer):
             (``fused``), it takes precedence.
         fused: how the step runs on a CPU. ``None`` (default): one fused C kernel per tensor (features, LSTM,
             head and update in one pass over the state, ~3x faster than torch ops), compiled for
-            this CPU at first use in under a second and cached (:mod:`learnedopt.kernel`), wherever it applies
+            this CPU at first use (a few seconds, once) and cached (:mod:`learnedopt.kernel`), wherever it applies
             (CPU parameters, a float32 net) and a C compiler exists; torch ops otherwise. ``True``: require the
             kernel (an error says why it cannot run). ``False``: torch ops only. Both give the same results
             within float rounding.

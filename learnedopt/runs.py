@@ -1,35 +1,42 @@
-"""What keeps a training run's folder whole: one process at a time, a resume point on Ctrl-C, and meta-steps that
-never take a non-finite gradient.
+"""The one run loop of every training run, and what keeps a run's folder whole: one process at a time, a resume
+point on Ctrl-C, and meta-steps that never take a non-finite gradient.
 
-Meta-training (:class:`~learnedopt.MetaTrainer`) and few-shot training (``baselines.train``) both hold their
-folder with :func:`hold_run_folder`, keep a resume point with :class:`ResumePoint`, and step their
-meta-optimizer through a :class:`FiniteSteps`. Checkpoint files themselves are written by
-:func:`learnedopt.pretrained.atomic_save`: a unique temporary file, synced, then renamed, so a full disk or a
-crash leaves the previous checkpoint as it was.
+Meta-training (:class:`~learnedopt.MetaTrainer`) and few-shot training (``baselines.train``) both run inside a
+:class:`RunLoop`: it holds the folder (:func:`hold_run_folder`), shows the progress bar, writes TensorBoard logs
+on the lead rank, keeps the time budget on every rank, says when to evaluate and checkpoint, and keeps a
+:class:`ResumePoint`. Meta-optimizers step through a :class:`FiniteSteps`. Checkpoint files themselves are
+written by :func:`learnedopt.pretrained.atomic_save`: a unique temporary file, synced, then renamed, so a full
+disk or a crash leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shlex
 import socket
 import sys
+import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from .distributed import any_rank, rank_and_world
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are not protected against a second process
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RunFolderInUse", "RunInterrupted", "MetaTrainingDiverged", "hold_run_folder", "ResumePoint",
-           "FiniteSteps"]
+__all__ = ["RunLoop", "Cadence", "RunFolderInUse", "RunInterrupted", "MetaTrainingDiverged", "hold_run_folder",
+           "ResumePoint", "FiniteSteps"]
 
 LOCK_NAME = ".lock"
 
@@ -111,6 +118,109 @@ class ResumePoint:
             if self.lead:
                 self._write(self.state)
             raise RunInterrupted(self.folder, int(self.state["iteration"])) from None
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """What the iteration that just finished calls for."""
+
+    last: bool  # the run's final iteration, or its time budget is spent
+    evaluate: bool  # every ``eval_every`` iterations, and at the last
+    checkpoint: bool  # every ``checkpoint_every`` iterations, and at the last
+    out_of_time: bool
+
+
+class RunLoop:
+    """The skeleton every training run shares, as a context manager around the run's own iterations.
+
+    Entering holds ``folder`` for this process, opens the progress bar and (lead rank) TensorBoard in
+    ``folder/tb``, and marks the first resume point. After each iteration's work, :meth:`finished` advances the
+    bar, logs the iteration's seconds, checks the time budget on every rank (so all ranks stop together) and
+    returns the :class:`Cadence`; :meth:`end` then marks the iteration's resume point and, where the cadence
+    says, saves it as the checkpoint. A ``KeyboardInterrupt`` inside the block writes the last resume point and
+    raises :class:`RunInterrupted`. ``state`` returns the run's checkpoint dict; ``save`` writes one.
+
+    Example:
+        >>> import tempfile
+        >>> saved = []
+        >>> run = RunLoop(Path(tempfile.mkdtemp()), iterations=4, eval_every=2, checkpoint_every=4,
+        ...               state=lambda: {"iteration": len(saved)}, save=saved.append, progress=False)
+        >>> with run:
+        ...     for iteration in range(1, 5):
+        ...         cadence = run.finished(iteration)
+        ...         run.end(cadence)
+        >>> cadence, len(saved)
+        (Cadence(last=True, evaluate=True, checkpoint=True, out_of_time=False), 1)
+    """
+
+    def __init__(self, folder: Path, *, iterations: int, eval_every: int, checkpoint_every: int,
+                 state: Callable[[], dict[str, Any]], save: Callable[[dict[str, Any]], None],
+                 time_budget: float | None = None, start: int = 0, progress: bool = True, desc: str = "train",
+                 device: str | torch.device = "cpu") -> None:
+        self.folder, self.iterations, self.start = folder, iterations, start
+        self.eval_every, self.checkpoint_every, self.time_budget = eval_every, checkpoint_every, time_budget
+        self.progress, self.desc, self.device, self.save = progress, desc, device, save
+        self.lead = rank_and_world()[0] == 0  # the lead rank alone writes files and logs
+        self.resume_point = ResumePoint(folder, state, save, self.lead)
+        self.writer: Any = None
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "RunLoop":
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        stack = self._stack
+        try:
+            stack.enter_context(hold_run_folder(self.folder, self.lead))
+            if self.lead:
+                self.writer = SummaryWriter(str(self.folder / "tb"))
+                stack.callback(self.writer.close)
+            self.bar = tqdm(total=self.iterations, initial=self.start, disable=not (self.progress and self.lead),
+                            desc=self.desc, unit="it")
+            stack.callback(self.bar.close)
+            stack.enter_context(self.resume_point.written_on_interrupt())  # unwound first: closes, then unlocks
+            self.resume_point.mark()
+        except BaseException:
+            stack.close()
+            raise
+        self.deadline = math.inf if self.time_budget is None else time.perf_counter() + self.time_budget
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> bool:
+        return bool(self._stack.__exit__(kind, error, traceback))
+
+    def out_of_time(self) -> bool:
+        """Whether the time budget is spent (on this rank; :meth:`finished` agrees across ranks)."""
+        return time.perf_counter() >= self.deadline
+
+    def finished(self, iteration: int, **postfix: str) -> Cadence:
+        """Iteration ``iteration`` (counted from 1) did its work: what now (``postfix`` goes to the bar)."""
+        out_of_time = any_rank(self.out_of_time(), self.device)
+        self.bar.update()
+        if postfix:
+            self.bar.set_postfix(**postfix)
+        self.log("seconds_per_iteration", time.perf_counter() - self._started, iteration)
+        last = iteration >= self.iterations or out_of_time
+        return Cadence(last=last, evaluate=iteration % self.eval_every == 0 or last,
+                       checkpoint=iteration % self.checkpoint_every == 0 or last, out_of_time=out_of_time)
+
+    def log(self, tag: str, value: float, iteration: int) -> None:
+        """A scalar for TensorBoard (lead rank)."""
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, iteration)
+
+    def mark(self) -> dict[str, Any]:
+        """A resume point now (between iterations); returns its state."""
+        return self.resume_point.mark()
+
+    def end(self, cadence: Cadence) -> None:
+        """The iteration's end: its resume point, saved as the checkpoint where ``cadence`` says."""
+        state = self.mark()
+        if cadence.checkpoint and self.lead:
+            self.save(state)
+        self._started = time.perf_counter()
 
 
 class FiniteSteps:

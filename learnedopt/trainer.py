@@ -16,7 +16,6 @@ Runs are reproducible and resumable: all randomness comes from generators whose 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from .evaluation import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
 from .imitation import imitation_step
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
 from .pretrained import atomic_save, load_file, load_net, non_finite, save_net
-from .runs import FiniteSteps, MetaTrainingDiverged, ResumePoint, hold_run_folder
+from .runs import FiniteSteps, MetaTrainingDiverged, RunLoop
 from .tasks import RescaledTask, Task, TaskFamily
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "meta_train"]
@@ -339,80 +338,55 @@ class MetaTrainer:
         meta-gradients are skipped (:class:`~learnedopt.runs.FiniteSteps`; ``max_skipped`` in a row raise
         :class:`~learnedopt.runs.MetaTrainingDiverged`), and no file is written with non-finite weights.
         """
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
         cfg = self.config
-        lead = rank_and_world()[0] == 0  # rank 0 alone evaluates, logs and writes files
-        with hold_run_folder(self.out, lead):
-            writer = SummaryWriter(str(self.out / "tb")) if lead else None
-            bar = tqdm(
-                total=cfg.iterations, initial=self.iteration, disable=not (self.progress and lead),
-                desc="meta-train", unit="it",
-            )
-            resume_point = ResumePoint(self.out, self._state, self._save, lead)
-            resume_point.mark()
-            try:
-                with resume_point.written_on_interrupt():
-                    self._train(time_budget, writer, bar, resume_point)
-            finally:
-                bar.close()
-                if writer is not None:
-                    writer.close()
-            if lead and not (self.out / "net.pt").is_file():
+        run = RunLoop(self.out, iterations=cfg.iterations, start=self.iteration, eval_every=cfg.eval_every,
+                      checkpoint_every=cfg.checkpoint_every, state=self._state, save=self._save,
+                      time_budget=time_budget, progress=self.progress, desc="meta-train", device=cfg.device)
+        with run:
+            self._train(run)
+            if run.lead and not (self.out / "net.pt").is_file():
                 self._save_net("net.pt")
             _barrier()
         return load_net(self.out / "net.pt")
 
-    def _train(self, time_budget: float | None, writer: Any, bar: Any, resume_point: ResumePoint) -> None:
-        """:meth:`train`'s loop: imitation, then meta-iterations, each ending at a resume point."""
+    def _train(self, run: RunLoop) -> None:
+        """:meth:`train`'s iterations: imitation, then meta-iterations, each ending at a resume point."""
         cfg = self.config
-        deadline = math.inf if time_budget is None else time.perf_counter() + time_budget
-        while self.imitated < cfg.imitation and time.perf_counter() < deadline:
+        while self.imitated < cfg.imitation and not run.out_of_time():
             mismatch = self.imitate()
             self.imitated += 1
-            bar.set_postfix(imitation=f"{mismatch:.3g}")
-            state = resume_point.mark()
-            if writer is not None:
-                writer.add_scalar("imitation/step_mismatch", mismatch, self.imitated)
-                if self.imitated == cfg.imitation:
-                    self._save(state)
-        if cfg.init_net and self.iteration == 0 and not self.history and writer is not None:
-            self._evaluate_and_select(writer, math.nan)  # fine-tuning must beat its starting point
+            run.bar.set_postfix(imitation=f"{mismatch:.3g}")
+            run.log("imitation/step_mismatch", mismatch, self.imitated)
+            state = run.mark()
+            if run.lead and self.imitated == cfg.imitation:
+                self._save(state)
+        if cfg.init_net and self.iteration == 0 and not self.history and run.lead:
+            self._evaluate_and_select(run, math.nan)  # fine-tuning must beat its starting point
         while self.iteration < cfg.iterations:
-            started = time.perf_counter()
             meta_loss = self.meta_step()
             self.iteration += 1
-            out_of_time = any_rank(started >= deadline or time.perf_counter() >= deadline, cfg.device)
-            bar.set_postfix(meta_loss=f"{meta_loss:.3g}")
-            bar.update()
-            last = self.iteration == cfg.iterations or out_of_time
-            evaluating = self.iteration % cfg.eval_every == 0 or last
+            cadence = run.finished(self.iteration, meta_loss=f"{meta_loss:.3g}")
+            run.log("meta_loss", meta_loss, self.iteration)
+            run.log("meta/skipped_steps", self.finite_steps.skipped, self.iteration)
             advance = False
-            if writer is not None:
-                writer.add_scalar("meta_loss", meta_loss, self.iteration)
-                writer.add_scalar("meta/skipped_steps", self.finite_steps.skipped, self.iteration)
-                writer.add_scalar("seconds_per_iteration", time.perf_counter() - started, self.iteration)
-                if evaluating:
-                    score = self._evaluate_and_select(writer, meta_loss)
-                    bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{score:.3f}")
-                    advance = self._stage_is_done(score)
-            if evaluating and self.stage < len(cfg.curriculum) and any_rank(advance, cfg.device):
+            if cadence.evaluate and run.lead:
+                score = self._evaluate_and_select(run, meta_loss)
+                run.bar.set_postfix(meta_loss=f"{meta_loss:.3g}", score=f"{score:.3f}")
+                advance = self._stage_is_done(score)
+            if cadence.evaluate and self.stage < len(cfg.curriculum) and any_rank(advance, cfg.device):
                 self._next_stage()
-                if writer is not None:
-                    writer.add_scalar("curriculum/horizon", self.horizon, self.iteration)
-            state = resume_point.mark()
-            if writer is not None and (self.iteration % cfg.checkpoint_every == 0 or last):
+                run.log("curriculum/horizon", self.horizon, self.iteration)
+            if cadence.checkpoint and run.lead:
                 self._save_net("last.pt")
-                self._save(state)
-            if out_of_time:
+            run.end(cadence)
+            if cadence.out_of_time:
                 break
 
-    def _evaluate_and_select(self, writer: Any, meta_loss: float) -> float:
+    def _evaluate_and_select(self, run: RunLoop, meta_loss: float) -> float:
         """Score the net on held-out tasks, log it, and write ``net.pt`` if it is the best so far."""
         scores = self.evaluate()
         for key, value in scores.items():
-            writer.add_scalar(key, value, self.iteration)
+            run.log(key, value, self.iteration)
         self.history.append({"iteration": self.iteration, "horizon": self.horizon, "meta_loss": meta_loss, **scores})
         if scores["eval/score"] < self.best_score:
             self.best_score = scores["eval/score"]

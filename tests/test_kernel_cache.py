@@ -34,13 +34,17 @@ void cell_backward(const void *a) {}
 BOUND = 1e-3 * 101  # lr * output_scale * (magnitude_range + 1) of this net at lr=1
 
 
-@pytest.fixture
-def net():
+def _net() -> CoordinatewiseLSTM:
     torch.manual_seed(0)
-    net = CoordinatewiseLSTM(inputs="normalized", output="adam", output_scale=1e-3)
+    net = CoordinatewiseLSTM(hidden_size=4, num_layers=1, inputs="normalized", output="adam", output_scale=1e-3)
     for p in net.parameters():
         p.data.normal_(0.0, 0.5)
     return net
+
+
+@pytest.fixture
+def net() -> CoordinatewiseLSTM:
+    return _net()
 
 
 @pytest.fixture
@@ -85,30 +89,40 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _library_name(tmp_path: Path, net, first_use) -> str:
-    """The file name the net's library gets (built once in a scratch cache)."""
-    first_use(tmp_path / "scratch", net)
-    (built,) = (tmp_path / "scratch").glob("lstm_step_*.so")
-    return built.name
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> Path:
+    """A cache folder holding the net's library as the package builds it (built once for this file's tests)."""
+    folder = tmp_path_factory.mktemp("genuine")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LEARNEDOPT_KERNEL_CACHE", str(folder))
+        patch.setattr(kernel, "_LIBRARIES", {})
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.ones(3)
+        LearnedOptimizer([p], net=_net(), fused=True).step()
+    return folder
 
 
-def test_a_library_planted_in_a_world_writable_cache_never_runs(tmp_path, net, first_use):
-    name = _library_name(tmp_path, net, first_use)
+def _built_before(cache: Path, genuine: Path) -> Path:
+    """``cache`` as a process that built the library there earlier left it; returns the library's path."""
+    shutil.copytree(genuine, cache)
+    (library,) = cache.glob("lstm_step_*.so")
+    return library
+
+
+def test_a_library_planted_in_a_world_writable_cache_never_runs(tmp_path, net, first_use, genuine):
     cache, marker = tmp_path / "cache", tmp_path / "marker"
-    cache.mkdir()
+    library = _built_before(cache, genuine)  # a genuine manifest stays beside the planted library
     cache.chmod(0o1777)
-    _plant(cache / name, marker, forge_manifest=False)
-    shutil.copy(tmp_path / "scratch" / name.replace(".so", ".json"), cache)  # even beside a genuine manifest
+    _plant(library, marker, forge_manifest=False)
     moved, messages = first_use(cache, net)
     assert not marker.exists() and moved <= BOUND
     assert sum("not loading compiled kernels" in m for m in messages) == 1, messages
     assert any("writable by other users" in m for m in messages)
 
 
-def test_a_planted_library_replacing_a_cached_one_never_runs(tmp_path, net, first_use):
+def test_a_planted_library_replacing_a_cached_one_never_runs(tmp_path, net, first_use, genuine):
     cache, marker = tmp_path / "cache", tmp_path / "marker"
-    first_use(cache, net)
-    (built,) = cache.glob("lstm_step_*.so")
+    built = _built_before(cache, genuine)
     cache.chmod(0o777)  # the cache became writable by others: someone swapped the library and its manifest
     _plant(built, marker, forge_manifest=True)
     moved, messages = first_use(cache, net)
@@ -126,11 +140,10 @@ def test_a_cache_inside_a_folder_others_can_write_is_not_private(tmp_path, net, 
     assert not list((shared / "cache").glob("*.so"))
 
 
-def test_in_a_private_cache_only_the_library_built_there_is_loaded(tmp_path, net, first_use):
+def test_in_a_private_cache_only_the_library_built_there_is_loaded(tmp_path, net, first_use, genuine):
     """A planted file without a manifest, with a manifest of other bytes, or writable by others is rebuilt."""
     cache, marker = tmp_path / "cache", tmp_path / "marker"
-    first_use(cache, net)
-    (built,) = cache.glob("lstm_step_*.so")
+    built = _built_before(cache, genuine)
     genuine = json.loads(built.with_suffix(".json").read_text())
     for tamper in ("no manifest", "other bytes", "writable by others", "other build identity"):
         _plant(built, marker, forge_manifest=tamper in ("writable by others", "other build identity"))
@@ -152,10 +165,9 @@ def test_in_a_private_cache_only_the_library_built_there_is_loaded(tmp_path, net
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
-def test_a_library_owned_by_another_user_is_not_loaded_by_root(tmp_path, net, first_use):
+def test_a_library_owned_by_another_user_is_not_loaded_by_root(tmp_path, net, first_use, genuine):
     cache, marker = tmp_path / "cache", tmp_path / "marker"
-    first_use(cache, net)
-    (built,) = cache.glob("lstm_step_*.so")
+    built = _built_before(cache, genuine)
     _plant(built, marker, forge_manifest=True)
     os.chown(built, 65534, 65534)
     moved, messages = first_use(cache, net)
@@ -164,10 +176,9 @@ def test_a_library_owned_by_another_user_is_not_loaded_by_root(tmp_path, net, fi
     assert built.stat().st_uid == 0  # rebuilt by this user
 
 
-def test_a_garbage_library_is_rebuilt_once_not_warned_about_forever(tmp_path, net, first_use):
+def test_a_garbage_library_is_rebuilt_once_not_warned_about_forever(tmp_path, net, first_use, genuine):
     cache = tmp_path / "cache"
-    first_use(cache, net)
-    (built,) = cache.glob("lstm_step_*.so")
+    built = _built_before(cache, genuine)
     built.write_bytes(b"\x7fELF not really")
     _, messages = first_use(cache, net)
     assert not messages
