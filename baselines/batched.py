@@ -18,9 +18,10 @@ from typing import Callable, TypeGuard
 import torch
 from torch import Tensor, nn
 
+from learnedopt.unroll import Params
+
 __all__ = ["task_batched_loss", "supports_task_batching"]
 
-Params = dict[str, Tensor]
 
 _LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear)
 

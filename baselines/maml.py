@@ -17,13 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from learnedopt import UnrollResult, UpdateRule, module_loss, sgd, unroll
+from learnedopt.unroll import Params
 
 from .batched import task_batched_loss
 from .episodes import Episode
 
 __all__ = ["adapt", "adapt_batched", "maml_step", "query_accuracy"]
 
-Params = dict[str, Tensor]
 
 
 def adapt(

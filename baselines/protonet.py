@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from learnedopt import UnrollResult, sgd, unroll
+from learnedopt.unroll import Params
 
 from .episodes import Episode
 
 __all__ = ["prototype_logits", "episode_loss", "episode_accuracy"]
 
-Params = dict[str, Tensor]
 
 
 def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:

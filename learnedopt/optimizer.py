@@ -8,7 +8,6 @@ in place. The math is the rule's, shared with the unroll engine.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from dataclasses import asdict
@@ -28,18 +27,9 @@ except ImportError:  # torch < 2.5 kept it private; builds without torch.distrib
 
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
 from .pretrained import payload_digest
-from .rules import RuleState, UpdateRule
+from .rules import RuleState, UpdateRule, check_lr
 
 __all__ = ["RuleOptimizer", "LearnedOptimizer"]
-
-
-def _validate_lr(lr: Any) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr = lr.item()
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"Invalid learning rate: {lr!r} (expected a finite number >= 0)")
 
 
 def net_identity(net: CoordinatewiseLSTM) -> dict[str, Any]:
@@ -74,13 +64,13 @@ class RuleOptimizer(Optimizer):
     _fixed_settings: dict[str, Any] = {}  # optimizer-wide settings shown in defaults; groups may not change them
 
     def __init__(self, params: Iterable[Any], rule: UpdateRule, lr: float = 1.0) -> None:
-        _validate_lr(lr)
+        check_lr(lr)
         self.rule = rule
         super().__init__(params, {"lr": lr, **self._fixed_settings})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "lr" in param_group:
-            _validate_lr(param_group["lr"])
+            check_lr(param_group["lr"])
         for key, value in self._fixed_settings.items():
             if key in param_group and param_group[key] != value:
                 raise ValueError(f"{key} is set for the whole optimizer ({value!r}), not per param group")
@@ -115,7 +105,7 @@ class RuleOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            _validate_lr(group["lr"])
+            check_lr(group["lr"])
             by_device: dict[torch.device, list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:

@@ -28,7 +28,7 @@ from torch import Tensor
 ParamState = dict[str, Tensor]
 RuleState = list[ParamState]
 
-__all__ = ["ParamState", "RuleState", "UpdateRule", "sgd", "adam", "rmsprop", "SGD", "Adam", "RMSprop"]
+__all__ = ["ParamState", "RuleState", "UpdateRule", "sgd", "adam", "rmsprop", "SGD", "Adam", "RMSprop", "check_lr"]
 
 
 @runtime_checkable
@@ -46,8 +46,14 @@ class UpdateRule(Protocol):
         ...
 
 
-def _check_lr(lr: float) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+def check_lr(lr: float | Tensor) -> None:
+    """Refuse a learning rate that is not a finite number >= 0 (a 1-element tensor counts as its number), the
+    one rule for every rule and optimizer here."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr = lr.item()
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid learning rate: {lr!r} (expected a finite number >= 0)")
 
 
@@ -55,7 +61,7 @@ class SGD:
     """Stochastic gradient descent with optional (Nesterov) momentum, as in ``torch.optim.SGD``."""
 
     def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False) -> None:
-        _check_lr(lr)
+        check_lr(lr)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum!r} (expected 0 <= momentum < 1)")
         if nesterov and momentum == 0.0:
@@ -85,7 +91,7 @@ class Adam:
     """Adam (Kingma & Ba 2015) with bias correction, numerically as ``torch.optim.Adam``."""
 
     def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        _check_lr(lr)
+        check_lr(lr)
         self.lr, self.betas, self.eps = lr, betas, eps
 
     def init(self, params: Sequence[Tensor]) -> RuleState:
@@ -119,7 +125,7 @@ class RMSprop:
     """RMSprop without momentum or centering, as ``torch.optim.RMSprop`` defaults."""
 
     def __init__(self, lr: float, alpha: float = 0.99, eps: float = 1e-8) -> None:
-        _check_lr(lr)
+        check_lr(lr)
         self.lr, self.alpha, self.eps = lr, alpha, eps
 
     def init(self, params: Sequence[Tensor]) -> RuleState:

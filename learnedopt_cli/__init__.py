@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
             tr.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (Omniglot), 0.01 (sinusoid)")
             tr.add_argument("--inner-rule", choices=["sgd", "lstm"], default="sgd",
                             help="inner-loop optimizer: SGD (MAML) or the learned LSTM rule, meta-trained jointly "
-                            "with the initialization (starts from the packaged default net)")
+                            "with the initialization (starts from the paper-faithful mnist-lstm net)")
             tr.add_argument("--meta-batch", type=_positive, default=32)
         ev = fs_sub.add_parser("eval", help="mean test score and 95%% confidence interval over test episodes")
         ev.add_argument("--checkpoint", type=Path, required=True)
