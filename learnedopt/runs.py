@@ -257,9 +257,9 @@ class FiniteSteps:
         """Clip the gradients of ``params`` and step ``optimizer``; return whether it stepped. ``where`` names the
         step in messages (e.g. ``"iteration 12"``)."""
         grads = [p.grad for p in params if p.grad is not None]
-        checks = [torch.isfinite(torch.as_tensor(loss, dtype=torch.float64)).all().cpu()]
-        checks += [torch.isfinite(g).all().cpu() for g in grads]
-        if bool(torch.stack(checks).all()):
+        device = grads[0].device if grads else None
+        checks = [torch.isfinite(torch.as_tensor(loss, device=device)).all(), *(torch.isfinite(g).all() for g in grads)]
+        if bool(torch.stack(checks).all()):  # one host sync for the whole check
             self.in_a_row = 0
             torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
