@@ -10,20 +10,25 @@
  *
  * Compile-time constants: H (hidden size), LAYERS, NK (momentum decays), PAPER (1: log/sign inputs, 0:
  * normalized moments), ADAM (1: bounded Adam-modulating output, 0: linear), OUT (head outputs), BF16 (1: the
- * hidden state is stored as bfloat16), GP (4 H rounded up to the vector width, the padded gate row).
+ * hidden state is stored as bfloat16), GP (4 H rounded up to 16 floats, the padded gate row).
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
-#define VW 16                          /* floats per vector: one AVX-512 register, two AVX ones, four NEON ones */
-#define NV (GP / VW)                   /* vectors per padded gate row */
+#if defined(__AVX512F__)
+#define VW 16                          /* floats per vector: one AVX-512 register */
+#define ROWS 4                         /* rows per register tile of the gate matmul (32..128 and 2..6 measured */
+                                       /* within 5% of these on an AVX-512 CPU) */
+#else
+#define VW 8                           /* one AVX register, two NEON ones: 16-float vectors measured 8x slower on */
+#define ROWS 1                         /* an AVX2 CPU, and 2 or 4 rows 1.4x (accumulators spill past 16 registers) */
+#endif
+#define NV (GP / VW)                   /* vectors per padded gate row (GP is a multiple of 16) */
 #define IN (PAPER ? 2 : 1 + NK)        /* input features */
 #define XW (H > IN ? H : IN)            /* width of a layer's input buffer */
 #define BLOCK 64                       /* coordinates per block: gates 64 x GP floats stay in the L1/L2 cache */
-#define ROWS 4                         /* rows per register tile of the gate matmul (32..128 and 2..6 measured */
-                                       /* within 5% of these on an AVX-512 CPU) */
 #define MAX_THREADS 64
 #define GRAD_LIMIT 9223372036854775808.0f  /* 2^63: lstm.py's largest_gradient(float32) */
 
@@ -272,7 +277,7 @@ int64_t lstm_step(const args_t *args, int threads) {
  * for the backward, which returns the gradients of the cell's inputs and of its (transposed) gate weights.
  * Built with a float32 state; the input width must not exceed H (true of every LSTMConfig's layers but for
  * unusually many input features, which run on torch ops). */
-#define KP (((2 * H) + VW - 1) / VW * VW)   /* the widest [x, h] row, padded to whole vectors */
+#define KP (((2 * H) + 15) / 16 * 16)   /* the widest [x, h] row, padded to 16 floats as lstm.py pads it */
 #define KV (KP / VW)
 
 typedef struct {
