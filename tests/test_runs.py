@@ -226,3 +226,21 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint_resumable(tm
     finally:
         if disk == "tmpfs":
             subprocess.run(["umount", str(tmp_path / "disk")], capture_output=True)
+
+
+def test_a_diverged_run_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nan_tasks_cli.py").write_text(
+        "import torch, learnedopt\n"
+        "def make_family():\n"
+        "    x, y = torch.full((64, 4), float('nan')), torch.zeros(64, 1)\n"
+        "    return learnedopt.ModuleFamily(lambda: torch.nn.Linear(4, 1), (x, y), torch.nn.functional.mse_loss, 8,\n"
+        "                                   name='always-nan', eval_examples=32)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["--threads", "1", "meta-train", "--task", "nan_tasks_cli:make_family", "--out", str(tmp_path / "run"),
+            "--iterations", "4", "--horizon", "10", "--unroll", "5", "--meta-batch", "2", "--eval-tasks", "2",
+            "--max-skipped", "3", "--no-progress"]
+    with pytest.warns(UserWarning, match="skipped a meta-step"):
+        assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("learnedopt: error: meta-training diverged at iteration 2: 3 meta-steps in a row"), err
+    assert "\n" not in err and "Traceback" not in err
