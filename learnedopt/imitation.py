@@ -42,9 +42,9 @@ def imitation_step(
     """One imitation iteration: ``steps`` teacher steps on ``task``, one update of ``rule.net`` every ``unroll``.
 
     Returns the mean :func:`step_mismatch` per step and tensor. ``reduce`` (e.g. an all-reduce mean under
-    ``torch.distributed``) is applied to the gradients of the net's weights before each update; ``finite_steps`` takes
-    the updates, skipping non-finite ones (a fresh :class:`~learnedopt.runs.FiniteSteps` by default; ``label``
-    names this call in its messages).
+    ``torch.distributed``) is applied to the gradients of the net's weights before each update;
+    ``finite_steps`` takes the updates, skipping non-finite ones (a fresh :class:`~learnedopt.runs.FiniteSteps`
+    by default; ``label`` names this call in its messages).
 
     Example:
         >>> import torch, learnedopt

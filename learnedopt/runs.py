@@ -124,8 +124,7 @@ class ResumePoint:
 class Cadence:
     """What the iteration that just finished calls for."""
 
-    last: bool  # the run's final iteration, or its time budget is spent
-    evaluate: bool  # every ``eval_every`` iterations, and at the last
+    evaluate: bool  # every ``eval_every`` iterations, and at the last (final, or out of time)
     checkpoint: bool  # every ``checkpoint_every`` iterations, and at the last
     out_of_time: bool
 
@@ -150,7 +149,7 @@ class RunLoop:
         ...         cadence = run.finished(iteration)
         ...         run.end(cadence)
         >>> cadence, len(saved)
-        (Cadence(last=True, evaluate=True, checkpoint=True, out_of_time=False), 1)
+        (Cadence(evaluate=True, checkpoint=True, out_of_time=False), 1)
     """
 
     def __init__(self, folder: Path, *, iterations: int, eval_every: int, checkpoint_every: int,
@@ -203,7 +202,7 @@ class RunLoop:
             self.bar.set_postfix(**postfix)
         self.log("seconds_per_iteration", time.perf_counter() - self._started, iteration)
         last = iteration >= self.iterations or out_of_time
-        return Cadence(last=last, evaluate=iteration % self.eval_every == 0 or last,
+        return Cadence(evaluate=iteration % self.eval_every == 0 or last,
                        checkpoint=iteration % self.checkpoint_every == 0 or last, out_of_time=out_of_time)
 
     def log(self, tag: str, value: float, iteration: int) -> None:

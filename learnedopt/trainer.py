@@ -188,8 +188,7 @@ class MetaTrainer:
             "finite_steps": self.finite_steps.state_dict(),
         }
 
-    def _save(self, state: dict[str, Any] | None = None) -> None:
-        state = state or self._state()
+    def _save(self, state: dict[str, Any]) -> None:
         bad = non_finite(state["net"])
         if bad:  # FiniteSteps never lets this happen; a checkpoint must not carry such weights on
             raise MetaTrainingDiverged(f"not writing {self.out / 'checkpoint.pt'}: the net's weights {bad} are "

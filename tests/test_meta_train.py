@@ -46,7 +46,12 @@ def _save_untrained(trainer, tmp_path):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
-    full = MetaTrainer(QuadraticFamily(), tiny_config(), tmp_path / "full", progress=False)
+    """Ctrl-C inside an iteration's meta-step: the checkpoint holds the last finished iteration (a resume point,
+    not the last periodic checkpoint), and the resumed run ends exactly where an uninterrupted one does."""
+    from learnedopt.runs import RunInterrupted
+
+    config = tiny_config(checkpoint_every=100)
+    full = MetaTrainer(QuadraticFamily(), config, tmp_path / "full", progress=False)
     full.train()
 
     calls = {"n": 0}
@@ -59,14 +64,17 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
         return original(self)
 
     monkeypatch.setattr(MetaTrainer, "meta_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        MetaTrainer(QuadraticFamily(), tiny_config(), tmp_path / "cut", progress=False).train()
+    with pytest.raises(RunInterrupted, match="interrupted at iteration 2; continue with --resume"):
+        MetaTrainer(QuadraticFamily(), config, tmp_path / "cut", progress=False).train()
     monkeypatch.setattr(MetaTrainer, "meta_step", original)
-    resumed = MetaTrainer(QuadraticFamily(), tiny_config(), tmp_path / "cut", resume=True, progress=False)
-    assert resumed.iteration == 2
+    resumed = MetaTrainer(QuadraticFamily(), config, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.iteration == 2  # checkpoint_every=100 alone would have left nothing to resume
     resumed.train()
     for (name, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
+    for index, state in full.meta_opt.state_dict()["state"].items():
+        assert torch.equal(resumed.meta_opt.state_dict()["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
+    assert torch.equal(full.generator.get_state(), resumed.generator.get_state())
     assert full.history == resumed.history
     assert (tmp_path / "cut" / "net.pt").is_file()
 

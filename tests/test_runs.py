@@ -126,29 +126,6 @@ def test_a_stopped_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path, s
     _assert_same_run(out, _uninterrupted(tmp_path, stopped + 2))
 
 
-def test_an_interruption_mid_iteration_writes_the_last_finished_one(tmp_path, monkeypatch):
-    """In-process: Ctrl-C inside an iteration's meta-step; the checkpoint holds the iteration before it."""
-    calls = {"n": 0}
-    original = MetaTrainer.meta_step
-
-    def interrupted(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(MetaTrainer, "meta_step", interrupted)
-    with pytest.raises(learnedopt.runs.RunInterrupted, match="interrupted at iteration 4; continue with --resume"):
-        MetaTrainer(get_family("quadratic"), MetaTrainConfig(iterations=6, **QUICK), tmp_path / "run",
-                    progress=False).train()
-    monkeypatch.setattr(MetaTrainer, "meta_step", original)
-    resumed = MetaTrainer(get_family("quadratic"), MetaTrainConfig(iterations=6, **QUICK), tmp_path / "run",
-                          resume=True, progress=False)
-    assert resumed.iteration == 4  # checkpoint_every=3 alone would have left iteration 3
-    resumed.train()
-    _assert_same_run(tmp_path / "run", _uninterrupted(tmp_path, 6))
-
-
 @pytest.mark.parametrize("command", [
     ["meta-train", *QUICK_FLAGS, "--iterations", "1"],
     ["maml", "train", "--dataset", "sinusoid", "--iterations", "1", "--no-progress"],
