@@ -22,8 +22,8 @@
 #define ROWS 4                         /* rows per register tile of the gate matmul (32..128 and 2..6 measured */
                                        /* within 5% of these on an AVX-512 CPU) */
 #else
-#define VW 8                           /* one AVX register, two NEON ones: 16-float vectors measured 8x slower on */
-#define ROWS 1                         /* an AVX2 CPU, and 2 or 4 rows 1.4x (accumulators spill past 16 registers) */
+#define VW 8                           /* one AVX register, two NEON ones: with 16-float vectors and 4-row tiles */
+#define ROWS 1                         /* the accumulators spill past AVX2's 16 registers (results/performance.md) */
 #endif
 #define NV (GP / VW)                   /* vectors per padded gate row (GP is a multiple of 16) */
 #define IN (PAPER ? 2 : 1 + NK)        /* input features */
