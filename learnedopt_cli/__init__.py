@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tbptt: recompute K-step segments in backward instead of storing them (saves memory)")
     mt.add_argument("--max-skipped", type=_positive, default=20, metavar="N",
                     help="stop once N meta-steps in a row had non-finite meta-gradients (each is skipped)")
+    mt.add_argument("--hidden-size", type=_positive, default=20, help="LSTM units per layer (the paper's: 20)")
+    mt.add_argument("--num-layers", type=_positive, default=2, help="LSTM layers (the paper's: 2)")
     mt.add_argument("--inputs", choices=["paper", "normalized"], default="normalized",
                     help="LSTM inputs: the paper's (log|g|, sign g) or gradient and momenta over their RMS")
     mt.add_argument("--output", choices=["linear", "adam"], default="adam",
@@ -259,6 +261,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             es_sigma=args.es_sigma,
             checkpoint=args.checkpoint_segment,
             max_skipped=args.max_skipped,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
             inputs=args.inputs,
             output=args.output,
             output_scale=args.output_scale,
