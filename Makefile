@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy learnedopt learnedopt_cli meta_train baselines --ignore-missing-imports
+	$(VENV)/bin/mypy learnedopt learnedopt_cli learnedopt_experiments meta_train baselines --ignore-missing-imports
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,7 @@
 """MAML and ProtoNet on learnedopt's unroll engine, with their training runs and checkpoints.
 
 Example:
-    >>> from baselines import FewShotConfig, load_checkpoint
+    >>> from learnedopt_experiments.baselines import FewShotConfig, load_checkpoint
     >>> model, config, inner_net = load_checkpoint("results/checkpoints/maml-sinusoid-5shot.pt")
     >>> config.algorithm, config.dataset, inner_net is None
     ('maml', 'sinusoid', True)

@@ -68,7 +68,7 @@ def task_batched_loss(model: nn.Module) -> Callable[[Params, tuple[Tensor, Tenso
     """``loss_fn(params, (x, y)) -> (T,)``: each task's mean cross-entropy, for :func:`learnedopt.unroll`.
 
     Example:
-        >>> from baselines.models import conv4
+        >>> from learnedopt_experiments.baselines.models import conv4
         >>> model = conv4(5, channels=8, strided=True)
         >>> params = {k: v.expand(3, *v.shape) for k, v in model.named_parameters()}
         >>> x, y = torch.randn(3, 5, 1, 28, 28), torch.arange(5).repeat(3, 1)

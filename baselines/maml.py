@@ -1,7 +1,7 @@
 """MAML and first-order MAML (Finn et al. 2017) as a thin layer over :func:`learnedopt.unroll`.
 
 A meta-batch runs either as a loop over tasks or, for Conv-4, as one unroll of a task-batched network
-(:mod:`baselines.batched`; grouped convolutions, not ``vmap``, which is wrong for second order through BatchNorm).
+(:mod:`learnedopt_experiments.baselines.batched`; grouped convolutions, not ``vmap``, which is wrong for second order through BatchNorm).
 
 The inner loop is the unroll engine with an update rule (plain SGD by default; any rule, the learned LSTM
 included, works) on the support set, followed by one evaluation on the query set: ``weights = [0, ..., 0, 1]``
@@ -25,22 +25,26 @@ from .episodes import Episode
 __all__ = ["adapt", "adapt_batched", "maml_step", "query_accuracy"]
 
 
+def _rule(inner: float | UpdateRule) -> UpdateRule:
+    """The inner loop's rule: SGD at ``inner`` if it is a learning rate."""
+    return sgd(float(inner)) if isinstance(inner, (int, float)) else inner
 
 def adapt(
     model: nn.Module,
     params: Mapping[str, Tensor],
     episode: Episode,
     steps: int,
-    inner_lr: float,
+    inner: float | UpdateRule,
     criterion: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     first_order: bool = False,
-    rule: UpdateRule | None = None,
 ) -> UnrollResult:
     """``steps`` inner updates on the support set; ``meta_loss`` is the query loss at the adapted parameters.
 
+    ``inner`` is the inner loop's SGD learning rate, or any update rule (the learned LSTM rule, ...).
+
     Example:
-        >>> from baselines.models import sinusoid_mlp
-        >>> from baselines.episodes import sample_sinusoids
+        >>> from learnedopt_experiments.baselines.models import sinusoid_mlp
+        >>> from learnedopt_experiments.baselines.episodes import sample_sinusoids
         >>> model = sinusoid_mlp()
         >>> episode = sample_sinusoids(10, 10, torch.Generator().manual_seed(0))
         >>> out = adapt(model, dict(model.named_parameters()), episode, 1, 0.01, nn.functional.mse_loss)
@@ -55,7 +59,7 @@ def adapt(
     weights = torch.zeros(steps + 1)
     weights[-1] = 1.0
     return unroll(
-        module_loss(model, criterion), params, rule or sgd(inner_lr), None, steps, batch,
+        module_loss(model, criterion), params, _rule(inner), None, steps, batch,
         second_order=not first_order, weights=weights,
     )
 
@@ -65,30 +69,29 @@ def maml_step(
     meta_opt: torch.optim.Optimizer,
     episodes: list[Episode],
     steps: int,
-    inner_lr: float,
+    inner: float | UpdateRule,
     criterion: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     first_order: bool = False,
-    rule: UpdateRule | None = None,
     batched: bool = False,
 ) -> float:
     """One meta-update on a meta-batch of episodes; returns the mean query loss.
 
     ``batched=False`` adapts task by task (any model and criterion). ``batched=True`` (Conv-4 classifiers, all
     episodes of one shape) runs the whole meta-batch as one unroll of a task-batched network
-    (:mod:`baselines.batched`): the same meta-gradient, ~25% less time on a CPU. ``rule`` replaces the inner
-    SGD; when its own weights are in ``meta_opt`` (the learned LSTM rule), they are meta-trained together with
-    the initialization.
+    (:mod:`learnedopt_experiments.baselines.batched`): the same meta-gradient, in less time on a CPU
+    (``benchmarks/maml_cost.py``). ``inner`` is SGD's learning rate or an update rule; when the rule's own weights
+    are in ``meta_opt`` (the learned LSTM rule), they are meta-trained together with the initialization.
     """
     meta_opt.zero_grad()
     params = dict(model.named_parameters())
     if batched:
-        out = adapt_batched(model, params, episodes, steps, inner_lr, first_order, rule)
+        out = adapt_batched(model, params, episodes, steps, inner, first_order)
         out.meta_loss.backward()
         meta_opt.step()
         return out.meta_loss.item()
     total = 0.0
     for episode in episodes:
-        out = adapt(model, params, episode, steps, inner_lr, criterion, first_order, rule)
+        out = adapt(model, params, episode, steps, inner, criterion, first_order)
         (out.meta_loss / len(episodes)).backward()
         total += out.meta_loss.item()
     meta_opt.step()
@@ -100,9 +103,8 @@ def adapt_batched(
     params: Mapping[str, Tensor],
     episodes: list[Episode],
     steps: int,
-    inner_lr: float,
+    inner: float | UpdateRule,
     first_order: bool = False,
-    rule: UpdateRule | None = None,
 ) -> UnrollResult:
     """:func:`adapt` for a whole meta-batch at once: every task starts from ``params``, adapts on its own support
     set, and ``meta_loss`` is the mean query cross-entropy over tasks."""
@@ -114,14 +116,13 @@ def adapt_batched(
     weights[-1] = 1.0
     return unroll(
         loss_fn, {k: v.expand(tasks, *v.shape) for k, v in params.items()},
-        rule or sgd(inner_lr), None, steps, lambda t: support if t < steps else query,
+        _rule(inner), None, steps, lambda t: support if t < steps else query,
         second_order=not first_order, weights=weights,
     )
 
 
 def query_accuracy(
-    model: nn.Module, episode: Episode, steps: int, inner_lr: float, rule: UpdateRule | None = None,
-    query_batch: int | None = None,
+    model: nn.Module, episode: Episode, steps: int, inner: float | UpdateRule, query_batch: int | None = None,
 ) -> float:
     """Adapt on the support set without building a meta-graph, then classify the query set.
 
@@ -137,7 +138,7 @@ def query_accuracy(
         order = torch.argsort(y, stable=True).view(ways, -1).t().reshape(-1)  # class 0, 1, …, N-1, 0, 1, …
         x, y = x[order], y[order]
     with torch.no_grad():
-        adapted = adapt(model, params, episode, steps, inner_lr, first_order=True, rule=rule).params
+        adapted = adapt(model, params, episode, steps, inner, first_order=True).params
         size = query_batch or len(x)
         logits = torch.cat([
             torch.func.functional_call(model, adapted, (x[i : i + size],)) for i in range(0, len(x), size)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from learnedopt.data import CACHE_ROOT, DataNotFoundError, candidate_roots, data_not_found
+from learnedopt_experiments.data import CACHE_ROOT, DataNotFoundError, candidate_roots, data_not_found
 
 __all__ = ["Omniglot", "load_omniglot"]
 

@@ -8,7 +8,7 @@ settings fails with a message that says which.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from learnedopt import CoordinatewiseLSTM, LSTMRule, UpdateRule, load_net
-from .omniglot import load_omniglot
+from learnedopt.meta.runs import RunLoop
 from learnedopt.pretrained import atomic_save, load_file
-from learnedopt.runs import RunLoop
 
 from .episodes import Episode, EpisodeSampler, sample_sinusoids
 from .maml import adapt, maml_step, query_accuracy
 from .models import conv4, sinusoid_mlp
+from .omniglot import load_omniglot
 from .protonet import episode_accuracy, episode_loss
 
 __all__ = ["FewShotConfig", "train", "evaluate", "load_checkpoint"]
@@ -31,30 +31,53 @@ PAPER_NET = "mnist-lstm"
 _MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided", "inner_rule")
 
 
+def _field(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+# per-algorithm defaults, the papers' (Finn et al. 2017 for MAML, Snell et al. 2017 for ProtoNet); a field left at
+# its "unset" value (0 or None) takes them
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "maml": {"ways": 5, "iterations": 60000, "meta_batch": 32, "inner_steps": 1, "strided": True, "lr_halving": 0},
+    "protonet": {"ways": 60, "iterations": 20000, "meta_batch": 1, "inner_steps": 0, "strided": False,
+                 "lr_halving": 2000, "queries": 5, "inner_lr": 0.0},
+}
+
+
 @dataclass
 class FewShotConfig:
-    """One few-shot run. Defaults follow the papers (MAML Omniglot 5-way; ProtoNet 60-way training episodes)."""
+    """One few-shot run; every default of ``learnedopt maml|protonet train`` lives here (the flags are generated
+    from these fields). Fields left unset take the algorithm's paper defaults (:data:`_DEFAULTS`): MAML on
+    Omniglot 5-way with stride-2 convolutions; ProtoNet with 60-way training episodes, max-pooling and the
+    learning rate halved every 2000 episodes.
 
-    algorithm: str = "maml"  # "maml" or "protonet"
-    dataset: str = "omniglot"  # "omniglot" or "sinusoid" (MAML only)
-    ways: int = 5
-    shots: int = 1
-    queries: int = 1  # query examples per class in training episodes (ProtoNet: 5; MAML: K, as the papers)
-    iterations: int = 60000
-    meta_batch: int = 32
-    meta_lr: float = 1e-3
-    inner_steps: int = 1
-    inner_lr: float = 0.4
-    inner_rule: str = "sgd"  # "sgd", or "lstm": the learned LSTM optimizer, meta-trained with the initialization
-    first_order: bool = False
-    channels: int = 64
-    strided: bool = True  # MAML's Omniglot Conv-4 uses stride-2 convolutions; ProtoNet uses max-pooling
-    lr_halving: int = 0  # halve the meta learning rate every N iterations (ProtoNet: 2000); 0 = never
-    eval_every: int = 500
-    checkpoint_every: int = 500
-    seed: int = 0
-    device: str = "cpu"
-    data_dir: str | None = None
+    Example:
+        >>> FewShotConfig(algorithm="protonet").ways, FewShotConfig(dataset="sinusoid").inner_lr
+        (60, 0.01)
+    """
+
+    algorithm: str = "maml"  # "maml" or "protonet" (the command, not a flag)
+    dataset: str = _field("omniglot", "MAML's dataset", choices=("omniglot", "sinusoid"), maml=True)
+    ways: int = _field(0, "classes per training episode (0: 5 for MAML, 60 for ProtoNet; 1 for sinusoids)")
+    shots: int = _field(1, "labelled examples per class")
+    queries: int = _field(0, "query examples per class in training episodes (0: shots for MAML, 5 for ProtoNet)")
+    iterations: int = _field(0, "meta-iterations (0: 60000 for MAML, 20000 for ProtoNet)")
+    meta_batch: int = _field(0, "episodes per meta-update (0: 32)", maml=True)
+    meta_lr: float = _field(1e-3, "Adam learning rate of the meta-optimizer")
+    inner_steps: int = _field(-1, "inner SGD steps (-1: 1; 0: joint training, the 'pretrained' baseline of the MAML "
+                              "paper)", maml=True)
+    inner_lr: float = _field(0.0, "inner SGD learning rate (0: 0.4 on Omniglot, 0.01 on sinusoids)", maml=True)
+    inner_rule: str = _field("sgd", "inner-loop optimizer: SGD (MAML), or the paper-faithful mnist-lstm LSTM rule, "
+                             "meta-trained jointly with the initialization", choices=("sgd", "lstm"), maml=True)
+    first_order: bool = _field(False, "first-order MAML (no second derivatives)", maml=True)
+    channels: int = _field(64, "Conv-4 channels")
+    strided: bool | None = None  # Conv-4 with stride-2 convolutions (MAML's) instead of max-pooling (ProtoNet's)
+    lr_halving: int = -1  # halve the meta learning rate every N iterations (0: never; -1: the algorithm's)
+    eval_every: int = _field(500, "validation period (iterations)")
+    checkpoint_every: int = _field(500, "checkpoint period (iterations)")
+    seed: int = _field(0, "seed of every random choice of the run")
+    device: str = _field("cpu", "cpu, cuda, cuda:1, ...")
+    data_dir: str | None = _field(None, "data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("maml", "protonet"):
@@ -63,13 +86,21 @@ class FewShotConfig:
             raise ValueError(f"dataset {self.dataset!r} is not available for {self.algorithm}")
         if self.inner_rule not in ("sgd", "lstm") or (self.algorithm == "protonet" and self.inner_rule != "sgd"):
             raise ValueError(f"inner rule {self.inner_rule!r} is not available for {self.algorithm}")
+        defaults = {"queries": self.shots, "inner_lr": 0.01 if self.dataset == "sinusoid" else 0.4,
+                    **_DEFAULTS[self.algorithm], **({"ways": 1} if self.dataset == "sinusoid" else {})}
+        for name, value in defaults.items():
+            if getattr(self, name) == {"inner_steps": -1, "strided": None, "lr_halving": -1}.get(name, 0):
+                setattr(self, name, value)
+        if self.algorithm == "protonet" and (self.inner_steps or self.meta_batch != 1 or self.first_order):
+            raise ValueError("ProtoNet has no inner loop and one episode per step: inner_steps, meta_batch and "
+                             "first_order are MAML's")
 
 
 def build_model(config: FewShotConfig) -> nn.Module:
     if config.dataset == "sinusoid":
         return sinusoid_mlp()
     ways = None if config.algorithm == "protonet" else config.ways
-    return conv4(ways, config.channels, strided=config.strided)
+    return conv4(ways, config.channels, strided=bool(config.strided))
 
 
 class _Tasks:
@@ -102,16 +133,16 @@ def _inner_net(config: FewShotConfig) -> CoordinatewiseLSTM | None:
 
 
 def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int,
-           rule: UpdateRule | None, query_batch: int | None = None) -> float:
+           inner: float | UpdateRule, query_batch: int | None = None) -> float:
     """Query accuracy (classification) or query MSE after adaptation (sinusoid)."""
     if config.algorithm == "protonet":
         return episode_accuracy(model, episode)
     if config.dataset == "sinusoid":
         params = {k: v.detach() for k, v in model.named_parameters()}
         with torch.no_grad():
-            out = adapt(model, params, episode, inner_steps, config.inner_lr, nn.functional.mse_loss, True, rule)
+            out = adapt(model, params, episode, inner_steps, inner, nn.functional.mse_loss, True)
             return out.meta_loss.item()
-    return query_accuracy(model, episode, inner_steps, config.inner_lr, rule, query_batch)
+    return query_accuracy(model, episode, inner_steps, inner, query_batch)
 
 
 def _load(path: Path, config: FewShotConfig | None) -> dict:
@@ -120,8 +151,7 @@ def _load(path: Path, config: FewShotConfig | None) -> dict:
         raise ValueError(f"{path} is not a learnedopt few-shot checkpoint")
     if config is not None:
         saved = ckpt["fewshot_config"]
-        defaults = FewShotConfig()  # checkpoints from before a field existed used its default
-        wrong = [k for k in _MUST_MATCH if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
+        wrong = [k for k in _MUST_MATCH if saved.get(k) != getattr(config, k)]
         if wrong:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, asked {getattr(config, k)!r}" for k in wrong)
             raise ValueError(f"{path} was trained with other settings ({details})")
@@ -132,15 +162,15 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
           time_budget: float | None = None) -> nn.Module:
     """Meta-train MAML or ProtoNet; writes ``out/checkpoint.pt`` and TensorBoard logs to ``out/tb``.
 
-    In the run loop meta-training uses (:class:`~learnedopt.runs.RunLoop`): the folder is held by this process,
+    In the run loop meta-training uses (:class:`~learnedopt.meta.runs.RunLoop`): the folder is held by this process,
     and on ``KeyboardInterrupt`` the state at the last finished iteration is written as the checkpoint
-    (:class:`~learnedopt.runs.RunInterrupted`), so a resumed run continues exactly.
+    (:class:`~learnedopt.meta.runs.RunInterrupted`), so a resumed run continues exactly.
     """
 
     torch.manual_seed(config.seed)
     model = build_model(config).to(config.device)
     inner_net = _inner_net(config)
-    rule = LSTMRule(inner_net) if inner_net is not None else None
+    inner: float | UpdateRule = LSTMRule(inner_net) if inner_net is not None else config.inner_lr
     meta_params = list(model.parameters()) + (list(inner_net.parameters()) if inner_net is not None else [])
     opt = torch.optim.Adam(meta_params, lr=config.meta_lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -179,8 +209,8 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
                     group["lr"] = config.meta_lr * 0.5 ** (iteration // config.lr_halving)
             if config.algorithm == "maml":
                 episodes = [tasks.sample(generator) for _ in range(config.meta_batch)]
-                loss = maml_step(model, opt, episodes, config.inner_steps, config.inner_lr, _criterion(config),
-                                 config.first_order, rule, batched=config.dataset == "omniglot")
+                loss = maml_step(model, opt, episodes, config.inner_steps, inner, _criterion(config),
+                                 config.first_order, batched=config.dataset == "omniglot")
             else:
                 opt.zero_grad()
                 result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
@@ -192,7 +222,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
             run_loop.log("train/meta_loss", loss, iteration)
             if cadence.evaluate:
                 g = torch.Generator().manual_seed(config.seed + 1)
-                score = sum(_score(config, model, val.sample(g), config.inner_steps, rule) for _ in range(100)) / 100
+                score = sum(_score(config, model, val.sample(g), config.inner_steps, inner) for _ in range(100)) / 100
                 run["history"].append({"iteration": iteration, "meta_loss": loss, "val": score})
                 run_loop.log("val/score", score, iteration)
                 run_loop.bar.set_postfix(loss=f"{loss:.3f}", val=f"{score:.3f}")
@@ -239,9 +269,9 @@ def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps
         inner_steps = config.inner_steps
     if config.algorithm == "maml" and config.dataset == "omniglot" and ways != config.ways:
         raise ValueError(f"{checkpoint} is a {config.ways}-way MAML classifier; it cannot run {ways}-way episodes")
-    rule = LSTMRule(inner_net) if inner_net is not None else None
+    inner: float | UpdateRule = LSTMRule(inner_net) if inner_net is not None else config.inner_lr
     tasks = _Tasks(config, "test", ways, shots, queries)
     g = torch.Generator().manual_seed(seed)
-    scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps, rule, query_batch) for _ in range(episodes)])
+    scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps, inner, query_batch) for _ in range(episodes)])
     metric = "mse" if config.dataset == "sinusoid" else "accuracy"
     return metric, float(scores.mean()), float(1.96 * scores.std() / math.sqrt(episodes))

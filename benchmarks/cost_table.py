@@ -29,14 +29,14 @@ import torch
 from torch import Tensor, nn
 
 import learnedopt
-from baselines import load_checkpoint
-from baselines.episodes import Episode, EpisodeSampler, sample_sinusoids
-from baselines.maml import adapt
-from baselines.models import conv4
-from baselines.omniglot import load_omniglot
-from baselines.protonet import prototype_logits
+from learnedopt_experiments.baselines import load_checkpoint
+from learnedopt_experiments.baselines.episodes import Episode, EpisodeSampler, sample_sinusoids
+from learnedopt_experiments.baselines.maml import adapt
+from learnedopt_experiments.baselines.models import conv4
+from learnedopt_experiments.baselines.omniglot import load_omniglot
+from learnedopt_experiments.baselines.protonet import prototype_logits
 from fewshot_baselines import fine_tuned, pretrain
-from meta_train.reports import hardware
+from learnedopt_experiments.meta_train.reports import hardware
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "results" / "checkpoints"
 FINE_TUNE_STEPS = 30
@@ -73,14 +73,14 @@ def _fine_tuner(body_path: str, make_optimizer: Callable[[Any], torch.optim.Opti
 
 def _maml(checkpoint: str, steps: int) -> tuple[Adapter, Predictor]:
     model, config, inner_net = load_checkpoint(CHECKPOINTS / checkpoint)
-    rule = learnedopt.LSTMRule(inner_net) if inner_net is not None else None
     criterion = nn.functional.mse_loss if config.dataset == "sinusoid" else nn.functional.cross_entropy
     lr = config.inner_lr or 0.01  # the pre-trained regressor was trained without an inner loop
+    inner = learnedopt.LSTMRule(inner_net) if inner_net is not None else lr
 
     def adapt_one(episode: Episode) -> dict[str, Tensor]:
         params = {k: v.detach() for k, v in model.named_parameters()}
         with torch.no_grad():  # test-time adaptation: inner gradients only, no meta-graph
-            return adapt(model, params, episode, steps, lr, criterion, first_order=True, rule=rule).params
+            return adapt(model, params, episode, steps, inner, criterion, first_order=True).params
 
     return adapt_one, lambda params, episode: torch.func.functional_call(model, params, (episode.query_x,))
 

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 import learnedopt
-from meta_train.mnist import load_mnist
-from meta_train.reports import hardware
+from learnedopt_experiments.meta_train.mnist import load_mnist
+from learnedopt_experiments.meta_train.reports import hardware
 
 TUNE_SEED = 1000
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]

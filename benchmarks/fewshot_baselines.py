@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from baselines.episodes import Episode, EpisodeSampler
-from baselines.models import conv4
-from baselines.omniglot import load_omniglot
+from learnedopt_experiments.baselines.episodes import Episode, EpisodeSampler
+from learnedopt_experiments.baselines.models import conv4
+from learnedopt_experiments.baselines.omniglot import load_omniglot
 
 GRID = {"Adam": [1e-4, 1e-3, 1e-2], "SGD": [1e-2, 1e-1, 1.0]}
 

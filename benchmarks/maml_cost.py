@@ -32,8 +32,8 @@ CONFIGS = [(order, steps, "loop") for steps in (1, 5, 10) for order in ("second"
 
 
 def _episodes(meta_batch: int):
-    from baselines.episodes import EpisodeSampler
-    from baselines.omniglot import load_omniglot
+    from learnedopt_experiments.baselines.episodes import EpisodeSampler
+    from learnedopt_experiments.baselines.omniglot import load_omniglot
 
     sampler = EpisodeSampler(load_omniglot(), "train", 5, 1, 1)
     g = torch.Generator().manual_seed(0)
@@ -42,8 +42,8 @@ def _episodes(meta_batch: int):
 
 def _iteration(order: str, steps: int, path: str, meta_batch: int, channels: int):
     """One meta-iteration of MAML on a fixed meta-batch, by ``path``, as a callable."""
-    from baselines.maml import maml_step
-    from baselines.models import conv4
+    from learnedopt_experiments.baselines.maml import maml_step
+    from learnedopt_experiments.baselines.models import conv4
 
     torch.manual_seed(0)
     model = conv4(5, channels, strided=True)

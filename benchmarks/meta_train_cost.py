@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LSTMRule, MetaTrainConfig, MetaTrainer, unroll
-from meta_train.tasks import get_family
+from learnedopt import CoordinatewiseLSTM, LSTMConfig, LSTMRule, MetaTrainConfig, MetaTrainer, unroll
+from learnedopt_experiments.meta_train.tasks import get_family
 from step import ARCHS, median_time, elementwise_rate, gemm_rate, transcendentals_per_coordinate
 
 
@@ -49,28 +49,28 @@ class WholeStepCompiled(LSTMRule):
         if not torch.is_grad_enabled():
             return super()._step_function(rows)
         if id(self.net) not in self.compiled:
-            self.compiled[id(self.net)] = torch.compile(partial(self.net.step, fused=False), dynamic=True)
+            self.compiled[id(self.net)] = torch.compile(partial(self.net.step, backend="reference"), dynamic=True)
         return self.compiled[id(self.net)]
 
 
 def _truncation(
-    family: str, tasks: int, steps: int, loop: bool, checkpoint: int = 0, fused: bool | str = True,
+    family: str, tasks: int, steps: int, loop: bool, checkpoint: int = 0, backend: str = "auto",
     arch: str = "paper", net: CoordinatewiseLSTM | None = None, device: str = "cpu",
 ) -> float:
-    """Seconds for one truncation's forward and backward over ``tasks`` tasks (``fused="torch"``: the fused cell
-    on torch ops, its backward compiled, not the C kernel; ``fused="compiled"``: the whole step compiled)."""
+    """Seconds for one truncation's forward and backward over ``tasks`` tasks on ``backend`` (or ``"compiled"``:
+    the whole step compiled)."""
     torch.manual_seed(0)
     net = (net or ARCHS[arch]()).to(device)
-    if fused == "compiled":
+    if backend == "compiled":
         rule: LSTMRule = WholeStepCompiled(net)
     else:
-        rule = LSTMRule(net, fused=bool(fused), kernel=False if fused == "torch" else None)
+        rule = LSTMRule(net, backend=backend)
     task = get_family(family, device=device).sample(tasks, torch.Generator().manual_seed(0))
     params = task.init_params(torch.Generator().manual_seed(1))
     _sync(device)
     start = time.perf_counter()
     if loop:
-        from learnedopt.distributed import TaskShard
+        from learnedopt.meta.distributed import TaskShard
 
         for i in range(tasks):
             one = TaskShard(task, slice(i, i + 1))
@@ -110,13 +110,13 @@ def floor_table(args: argparse.Namespace) -> None:
         sigmoid_rate = elementwise_rate(coordinates, net.config.hidden_size, args.device)
         per_step = 3 * matmul_flops_per_coordinate(net) / rate + transcendentals_per_coordinate(net) / sigmoid_rate
         floor = coordinates * steps * per_step
-        variants: tuple[bool | str, ...] = (False, "torch", True, "compiled")
-        times: dict[bool | str, list[float]] = {v: [] for v in variants}
+        variants = ("reference", "torch", "auto", "compiled")
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for variant in variants:  # warm-up, and compilation
-            _truncation("mnist-mlp", 1, 2, False, fused=variant, net=net, device=args.device)
+            _truncation("mnist-mlp", 1, 2, False, backend=variant, net=net, device=args.device)
         for _ in range(args.repeats):
             for variant in variants:  # interleaved, so that a busy neighbour slows all alike
-                times[variant].append(_truncation("mnist-mlp", 1, steps, False, fused=variant, net=net,
+                times[variant].append(_truncation("mnist-mlp", 1, steps, False, backend=variant, net=net,
                                                   device=args.device))
         ref, ops, fused, whole = (statistics.median(times[v]) for v in variants)
         print(f"| {arch} | {coordinates:,} x {steps} | {floor:.3f} s | {ref:.3f} s | {ref / floor:.2f}x | {ops:.3f} s "
@@ -147,18 +147,21 @@ def trainer_table(args: argparse.Namespace) -> None:
     family = get_family("mnist-mlp", device=args.device)
     for arch in ("paper", "general"):
         inputs, output = ("paper", "linear") if arch == "paper" else ("normalized", "adam")
-        config = MetaTrainConfig(iterations=1, horizon=20, unroll=20, meta_batch=8, inputs=inputs, output=output,
-                                 device=args.device)
-        trainer = MetaTrainer(family, config, "/tmp/learnedopt-meta-train-cost", progress=False)
-        trainer.meta_step()  # warm-up
-        times: dict[bool, list[float]] = {False: [], True: []}
+        trainers = {
+            backend: MetaTrainer(family, MetaTrainConfig(
+                iterations=1, horizon=20, unroll=20, meta_batch=8, net=LSTMConfig(inputs=inputs, output=output),
+                device=args.device, backend=backend), f"/tmp/learnedopt-meta-train-cost-{backend}", progress=False)
+            for backend in ("reference", "auto")
+        }
+        times: dict[str, list[float]] = {backend: [] for backend in trainers}
+        for trainer in trainers.values():
+            trainer.meta_step()  # warm-up
         for _ in range(args.repeats):
-            for fused in (False, True):
-                trainer.fused = fused
+            for backend, trainer in trainers.items():
                 started = time.perf_counter()
                 trainer.meta_step()  # ends with .item(): synchronized
-                times[fused].append(time.perf_counter() - started)
-        ref, fused = (8 / statistics.median(times[f]) for f in (False, True))
+                times[backend].append(time.perf_counter() - started)
+        ref, fused = (8 / statistics.median(times[b]) for b in trainers)
         print(f"| {arch} | {ref:.2f} | {fused:.2f} | {fused / ref:.2f}x |", flush=True)
     profile = cProfile.Profile()
     profile.runcall(trainer.meta_step)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from learnedopt import DEFAULT_NET
-from learnedopt.evaluation import BASELINES
-from meta_train.reports import benchmark, hardware
+from learnedopt.meta.evaluation import BASELINES
+from learnedopt_experiments.meta_train.reports import benchmark, hardware
 
 ROWS = [  # label, task, steps
     ("base MLP, 100 steps", "mnist-mlp", 100),
@@ -77,7 +77,7 @@ def main() -> None:
 
 
 def _summary(path: Path) -> list[dict[str, object]]:
-    from meta_train.evaluate import Curves
+    from learnedopt_experiments.meta_train.evaluate import Curves
 
     return Curves.load_json(path).summary()
 

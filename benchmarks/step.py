@@ -9,7 +9,7 @@ paper's LSTM (log/sign inputs, linear head); ``general`` the default net's (norm
 bounded Adam-modulating output), whose extra running moments cost the ``moments`` FLOPs below.
 
 For each size the table gives: the median step time (the default path: on a CPU the fused C kernel of
-``learnedopt.kernel``); the same step through torch ops (``fused=False``) and the kernel's speed-up over it; the LSTM's floating-point operations per step (the
+``learnedopt._kernel``); the same step through torch ops (``backend="torch"``) and the kernel's speed-up over it; the LSTM's floating-point operations per step (the
 gate matmuls, biases, the elementwise cell math with a transcendental counted as one operation, the head and
 the gradient preprocessing); the *floor* = those FLOPs / the GEMM rate of the gate-matmul shape measured in
 this run on this device and thread count (what the step would cost if everything ran as fast as the matmuls);
@@ -163,7 +163,7 @@ def _table(net: CoordinatewiseLSTM, args: argparse.Namespace) -> None:
         f"(torch.tanh: {tanh_rate / 1e9:.2f} G/s); "
         f"copy bandwidth={bandwidth / 1e9:.1f} GB/s"
     )
-    print("| parameters | LSTM step | torch ops (fused=False) | speed-up | LSTM GFLOP/step | floor | time / floor "
+    print("| parameters | LSTM step | torch ops (backend=torch) | speed-up | LSTM GFLOP/step | floor | time / floor "
           "| Adam(foreach) step | time / Adam | LSTM state bytes/param | Adam state bytes/param | roofline "
           "| time / roofline |")
     print("|---" * 13 + "|")
@@ -175,13 +175,13 @@ def _table(net: CoordinatewiseLSTM, args: argparse.Namespace) -> None:
         adam_bytes = _state_bytes(adam) / n
         del adam
         times = {}
-        for fused in (False, None):
+        for backend in ("torch", "auto"):
             opt = LearnedOptimizer(params, net=net, chunk_size=args.chunk_size, compile=args.compile,
-                                   state_dtype=state_dtype, fused=fused)
-            times[fused] = median_time(opt.step, args.repeats, args.device)
+                                   state_dtype=state_dtype, backend=backend)
+            times[backend] = median_time(opt.step, args.repeats, args.device)
             lstm_bytes = _state_bytes(opt) / n
             del opt
-        t_lstm, t_ops = times[None], times[False]
+        t_lstm, t_ops = times["auto"], times["torch"]
         floor = flops * n / rate
         roofline = floor + transcendentals_per_coordinate(net) * n / transcendental_rate + 2 * lstm_bytes * n / bandwidth
         print(

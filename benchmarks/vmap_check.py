@@ -16,10 +16,10 @@ import argparse
 import torch
 from torch import nn
 
-from baselines.episodes import EpisodeSampler
-from baselines.maml import adapt
-from baselines.models import conv4
-from baselines.omniglot import load_omniglot
+from learnedopt_experiments.baselines.episodes import EpisodeSampler
+from learnedopt_experiments.baselines.maml import adapt
+from learnedopt_experiments.baselines.models import conv4
+from learnedopt_experiments.baselines.omniglot import load_omniglot
 
 
 def main() -> None:

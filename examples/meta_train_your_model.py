@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import learnedopt
-from learnedopt.data import resolve_data_root
+from learnedopt_experiments.data import resolve_data_root
 
 
 def small_cnn() -> nn.Module:

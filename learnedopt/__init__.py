@@ -1,8 +1,9 @@
 """learnedopt: learned optimizers and meta-learning in PyTorch.
 
-The engine (update rules, the LSTM, the optimizer, the unroll, meta-gradient estimators, packaged nets) and the
-meta-training library built on it (task families, the trainer, :func:`meta_train`). Nothing here imports the
-experiment packages (``meta_train``, ``baselines``) or the command line (``learnedopt_cli``).
+The engine (update rules :mod:`learnedopt.rules`, the LSTM :mod:`learnedopt.lstm` and its optional C kernel,
+the optimizer, the unroll engine, packaged nets) and the meta-training library built on it
+(:mod:`learnedopt.meta`: task families, estimators, the trainer, :func:`meta_train`). Nothing here imports the
+experiments (:mod:`learnedopt_experiments`) or the command line (:mod:`learnedopt_cli`).
 
 Example:
     >>> import torch, learnedopt
@@ -12,13 +13,14 @@ Example:
     True
 """
 
-from .estimators import ESTIMATORS, AntitheticES, GradientEstimator, PersistentES, TruncatedBackprop
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule, preprocess_gradient
+from .meta import (
+    ESTIMATORS, AntitheticES, GradientEstimator, MetaTrainConfig, MetaTrainer, Mixture, ModuleFamily, PersistentES,
+    RescaledTask, Task, TaskFamily, TruncatedBackprop, meta_train,
+)
 from .optimizer import LearnedOptimizer, RuleOptimizer
 from .pretrained import DEFAULT_NET, list_pretrained, load_net, net_info, save_net
 from .rules import ParamState, RuleState, UpdateRule, adam, rmsprop, sgd
-from .tasks import Mixture, ModuleFamily, RescaledTask, Task, TaskFamily
-from .trainer import MetaTrainConfig, MetaTrainer, meta_train
 from .unroll import UnrollResult, default_weights, module_loss, unroll
 
 __version__ = "0.1.0"

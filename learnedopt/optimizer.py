@@ -27,7 +27,7 @@ except ImportError:  # torch < 2.5 kept it private; builds without torch.distrib
 
 from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
 from .pretrained import payload_digest
-from .rules import RuleState, UpdateRule, check_lr
+from .rules import UpdateRule, check_lr
 
 __all__ = ["RuleOptimizer", "LearnedOptimizer"]
 
@@ -91,12 +91,6 @@ class RuleOptimizer(Optimizer):
         """The rule to run for parameters on ``device`` (a subclass may keep one copy per device)."""
         return self.rule
 
-    def _apply_rule(
-        self, rule: UpdateRule, grads: list[Tensor], state: RuleState, params: list[Tensor]
-    ) -> tuple[list[Tensor], RuleState]:
-        """One call of the rule; a subclass may let a rule reuse the old state's memory."""
-        return rule.update(grads, state, params)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Take one optimization step; returns ``closure()``'s loss when a closure is given."""
@@ -123,7 +117,8 @@ class RuleOptimizer(Optimizer):
                     if not self.state[p]:
                         self.state[p].update(rule.init([shard])[0])
                 grads = [_local(cast(Tensor, p.grad)) for p in params]
-                updates, new_state = self._apply_rule(rule, grads, [self.state[p] for p in params], local)
+                # inplace: self.state holds the only reference to the old state, so a rule may overwrite it
+                updates, new_state = rule.update(grads, [self.state[p] for p in params], local, inplace=True)
                 for p, shard, u, s in zip(params, local, updates, new_state):
                     shard.add_(u, alpha=float(group["lr"]))
                     self.state[p].update(s)
@@ -176,15 +171,15 @@ class LearnedOptimizer(RuleOptimizer):
         state_dtype: dtype of the per-coordinate hidden state (default: the net's, float32).
         chunk_size: coordinates per LSTM call; all parameters of a group form one flat batch that is cut into
             chunks of this many rows (~10-16k rows are fastest on CPUs, ~64k on GPUs).
-        compile: run the net through :func:`torch.compile` (fused gate math; results equal within float
-            rounding). The first steps pay the compilation, ~10-30 s on a CPU. Where the fused CPU kernel runs
-            (``fused``), it takes precedence.
-        fused: how the step runs on a CPU. ``None`` (default): one fused C kernel per tensor (features, LSTM,
-            head and update in one pass over the state, ~3x faster than torch ops), compiled for
-            this CPU at first use (a few seconds, once) and cached (:mod:`learnedopt.kernel`), wherever it applies
-            (CPU parameters, a float32 net) and a C compiler exists; torch ops otherwise. ``True``: require the
-            kernel (an error says why it cannot run). ``False``: torch ops only. Both give the same results
-            within float rounding.
+        compile: run the torch ops through :func:`torch.compile` (fused gate math; results equal within float
+            rounding; the first steps pay the compilation). Where the C kernel runs (``backend``), it takes
+            precedence.
+        backend: where the step's math runs (:data:`learnedopt.lstm.BACKENDS`). ``"auto"`` (default): one C
+            kernel call per tensor (features, LSTM, head and update in one pass over the state), compiled for
+            this CPU at first use and cached (:mod:`learnedopt._kernel`), wherever it applies (CPU parameters, a
+            float32 net) and a C compiler exists; torch ops otherwise. ``"kernel"``: require the kernel (an
+            error says why it cannot run). ``"torch"``: torch ops only. All give the same results within float
+            rounding.
 
     The default net (``general-lstm``, ``output="adam"`` in its :class:`~learnedopt.LSTMConfig`) is safe by
     construction, whatever its weights (NaN included): each coordinate moves by at most ``lr * output_scale *
@@ -222,7 +217,7 @@ class LearnedOptimizer(RuleOptimizer):
         state_dtype: torch.dtype | None = None,
         chunk_size: int = 16384,
         compile: bool = False,
-        fused: bool | None = None,
+        backend: str = "auto",
     ) -> None:
         from .pretrained import DEFAULT_NET, load_net
 
@@ -240,9 +235,9 @@ class LearnedOptimizer(RuleOptimizer):
             raise TypeError(f"state_dtype must be a floating-point dtype, got {state_dtype}")
         self.net = net
         self._fixed_settings = {
-            "net": net_name, "state_dtype": state_dtype, "chunk_size": chunk_size, "compile": compile, "fused": fused,
+            "net": net_name, "state_dtype": state_dtype, "chunk_size": chunk_size, "compile": compile, "backend": backend,
         }
-        rule = LSTMRule(net, state_dtype, chunk_size, compile, kernel=fused)
+        rule = LSTMRule(net, state_dtype, chunk_size, compile, backend)
         self._rules: dict[torch.device, LSTMRule] = {net.head.weight.device: rule}
         super().__init__(params, rule, lr)
 
@@ -277,12 +272,5 @@ class LearnedOptimizer(RuleOptimizer):
         if device not in self._rules:
             net = copy.deepcopy(self.net).to(device)
             rule = self.rule
-            self._rules[device] = LSTMRule(net, rule.state_dtype, rule.chunk_size, rule.compile, kernel=rule.kernel)
+            self._rules[device] = LSTMRule(net, rule.state_dtype, rule.chunk_size, rule.compile, rule.backend)
         return self._rules[device]
-
-    def _apply_rule(
-        self, rule: UpdateRule, grads: list[Tensor], state: RuleState, params: list[Tensor]
-    ) -> tuple[list[Tensor], RuleState]:
-        """The LSTM rule overwrites the hidden state in place: ``self.state`` holds the only reference to it."""
-        assert isinstance(rule, LSTMRule)
-        return rule.update(grads, state, params, inplace=True)

@@ -7,17 +7,16 @@ A net file is a plain dict of tensors and numbers, read with ``torch.load(..., w
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
-import secrets
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._files import write_atomically
 from .lstm import CoordinatewiseLSTM, LSTMConfig
 
 __all__ = ["DEFAULT_NET", "list_pretrained", "load_net", "save_net", "net_info", "atomic_save", "load_file", "non_finite"]
@@ -165,56 +164,12 @@ def payload_digest(obj: Any) -> str:
 
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """``torch.save`` with a digest of the contents, atomically: the bytes go to a unique temporary file beside
-    ``path``, are synced to disk, then renamed over it. A crash, a full disk or a second writer never leaves a
-    half-written file or a leftover, and :func:`load_file` detects flipped bytes.
-
-    A failed write raises ``OSError`` with one line naming the file and the cause; the previous file is intact.
-    """
+    """``torch.save`` with a digest of the contents, written whole or not at all
+    (:func:`~learnedopt._files.write_atomically`), so :func:`load_file` detects flipped bytes and a failed write
+    leaves the previous file intact (one ``OSError`` line naming the file and the cause)."""
     buffer = io.BytesIO()  # serialized first: what reaches the disk is whole, and a write error keeps its errno
     torch.save({**obj, _DIGEST_KEY: payload_digest(obj)}, buffer)
-    fd, scratch = _create_unique(path)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(buffer.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(scratch, path)
-    except BaseException as err:
-        Path(scratch).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            failure = OSError(f"could not write {path}: {err.strerror or err}; the previous {path.name} is "
-                              f"unchanged{' (free some space, then continue with --resume)' if full else ''}")
-            failure.errno = err.errno
-            raise failure from None
-        raise
-    _sync_folder(path.parent)
-
-
-def _create_unique(path: Path) -> tuple[int, str]:
-    """A new file beside ``path`` with a name no other writer uses, created with the umask's permissions (as
-    ``open`` would give ``path`` itself; ``tempfile.mkstemp`` would make it private)."""
-    while True:
-        scratch = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            return os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(scratch)
-        except FileExistsError:
-            continue
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (where the platform allows opening folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomically(path, buffer.getbuffer())
 
 
 def load_file(path: str | os.PathLike[str], kind: str) -> Any:

@@ -1,8 +1,9 @@
 """Update rules: pure ``init`` / ``update`` pairs on tensors.
 
-An update rule is the one place where an optimizer's math lives. It never mutates its inputs, so the same rule
-runs in place under ``torch.no_grad`` (wrapped by :class:`learnedopt.RuleOptimizer`) and differentiably inside
-the unroll engine (:func:`learnedopt.unroll`), where meta-gradients flow through its updates and state.
+An update rule is the one place where an optimizer's math lives. By default it never mutates its inputs, so the
+same rule runs differentiably inside the unroll engine (:func:`learnedopt.unroll`), where meta-gradients flow
+through its updates and state, and under ``torch.no_grad`` in :class:`learnedopt.RuleOptimizer`, which passes
+``inplace=True``: the caller gives up the old state, and a rule may write the new one into its tensors.
 
 A rule's state is a list with one ``dict[str, Tensor]`` per parameter: exactly what ``torch.optim`` keeps in
 ``optimizer.state[p]``, so ``state_dict()`` works without any glue.
@@ -40,9 +41,13 @@ class UpdateRule(Protocol):
         ...
 
     def update(
-        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor]
+        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor], *, inplace: bool = False
     ) -> tuple[list[Tensor], RuleState]:
-        """Return the additive updates (``new_param = param + update``) and the new state."""
+        """Return the additive updates (``new_param = param + update``) and the new state.
+
+        ``inplace=True`` allows reusing ``state``'s tensors for the new state (the caller no longer needs the
+        old one); a rule may ignore it. With ``inplace=False`` the inputs are never modified.
+        """
         ...
 
 
@@ -74,7 +79,7 @@ class SGD:
         return [{"momentum_buffer": torch.zeros_like(p)} for p in params]
 
     def update(
-        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor]
+        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor], *, inplace: bool = False
     ) -> tuple[list[Tensor], RuleState]:
         if self.momentum == 0.0:
             return [-self.lr * g for g in grads], [{} for _ in grads]
@@ -105,17 +110,18 @@ class Adam:
         ]
 
     def update(
-        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor]
+        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor], *, inplace: bool = False
     ) -> tuple[list[Tensor], RuleState]:
         beta1, beta2 = self.betas
         updates, new_state = [], []
         for g, s in zip(grads, state):
-            step = torch.as_tensor(s["step"], dtype=torch.float32) + 1  # older checkpoints store a number
+            step = torch.as_tensor(s["step"], dtype=torch.float32) + 1  # torch.optim.Adam before 1.12 saved a number
             m = beta1 * s["exp_avg"] + (1 - beta1) * g
             v = beta2 * s["exp_avg_sq"] + (1 - beta2) * g * g
-            bias1 = 1 - beta1 ** step.item()
-            bias2 = 1 - beta2 ** step.item()
-            denom = v.sqrt() / math.sqrt(bias2) + self.eps
+            # bias corrections in float64, as torch.optim.Adam's Python floats, without a host sync
+            bias1 = 1 - beta1 ** step.double()
+            bias2 = 1 - beta2 ** step.double()
+            denom = v.sqrt() / bias2.sqrt() + self.eps
             updates.append(-(self.lr / bias1) * m / denom)
             new_state.append({"step": step, "exp_avg": m, "exp_avg_sq": v})
         return updates, new_state
@@ -132,7 +138,7 @@ class RMSprop:
         return [{"square_avg": torch.zeros_like(p)} for p in params]
 
     def update(
-        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor]
+        self, grads: Sequence[Tensor], state: RuleState, params: Sequence[Tensor], *, inplace: bool = False
     ) -> tuple[list[Tensor], RuleState]:
         updates, new_state = [], []
         for g, s in zip(grads, state):

@@ -1,7 +1,9 @@
 """The ``learnedopt`` command line: meta-train, demo, benchmark, pretrained, maml, protonet.
 
 The top layer: it parses arguments, resolves ``--task`` (a registered family or ``package.module:factory``) and
-calls the library (:mod:`learnedopt`) and the experiment packages (:mod:`meta_train`, :mod:`baselines`).
+calls the library (:mod:`learnedopt`) and the experiments (:mod:`learnedopt_experiments`). The flags of
+``meta-train`` and ``maml|protonet train`` are generated from :class:`~learnedopt.MetaTrainConfig` and
+:class:`~learnedopt_experiments.baselines.FewShotConfig` (:mod:`.configargs`), so their defaults are the library's.
 """
 
 from __future__ import annotations
@@ -12,21 +14,15 @@ import shlex
 import signal
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 
+from learnedopt.meta.config import DEFAULT_NET, MetaTrainConfig
+from learnedopt_experiments.baselines.train import FewShotConfig
+
+from .configargs import add_config_arguments, config_from_args, horizons, positive
+
 __all__ = ["main", "build_parser"]
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return number
-
-
-def _horizons(value: str) -> tuple[int, ...]:
-    """A comma-separated list of positive step counts, e.g. ``200,500``."""
-    return tuple(_positive(v) for v in value.split(",") if v.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="learnedopt",
         description="Learned optimizers in PyTorch: meta-train an LSTM optimizer, benchmark it, use it anywhere.",
     )
-    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mt = sub.add_parser("meta-train", help="meta-train an LSTM optimizer on truncated unrolls; writes OUT/net.pt",
@@ -44,55 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="task family: a registered name (quadratic, mnist-mlp, general, ...) or "
                          "package.module:factory returning your own (e.g. a learnedopt.ModuleFamily)")
     mt.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, net.pt, TensorBoard logs")
-    mt.add_argument("--iterations", type=_positive, default=300, help="meta-iterations (each: one horizon)")
-    mt.add_argument("--horizon", type=_positive, default=100, help="optimization steps per sampled task batch")
-    mt.add_argument("--unroll", type=_positive, default=20, help="truncation length: steps per meta-update")
-    mt.add_argument("--meta-batch", type=int, default=0, help="tasks per meta-iteration (0: the task's default)")
-    mt.add_argument("--meta-lr", type=float, default=3e-3, help="Adam learning rate of the meta-optimizer")
-    mt.add_argument("--objective", choices=["sum", "log"], default="log",
-                    help="meta-loss: the paper's sum of losses, or the sum of log-losses (default)")
-    mt.add_argument("--eval-every", type=_positive, default=25, help="held-out evaluation period (iterations)")
-    mt.add_argument("--checkpoint-every", type=_positive, default=25, help="checkpoint period (iterations)")
-    mt.add_argument("--seed", type=int, default=0)
-    mt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     mt.add_argument("--data-dir", default=None, help="data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
     mt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     mt.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     mt.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="stop (with a checkpoint) once this much time is spent; --resume continues")
-    mt.add_argument("--init-net", default=None, help="start from this net (packaged name, net.pt or run folder)")
-    mt.add_argument("--eval-tasks", type=int, default=0, help="held-out tasks per evaluation (0: the task's default)")
-    mt.add_argument("--estimator", choices=["tbptt", "es", "pes"], default="tbptt",
-                    help="meta-gradient: truncated backprop (default), antithetic ES, or persistent ES (unbiased)")
-    mt.add_argument("--es-pairs", type=_positive, default=8, help="antithetic pairs per truncation (es, pes)")
-    mt.add_argument("--es-sigma", type=float, default=0.01, help="perturbation standard deviation (es, pes)")
-    mt.add_argument("--checkpoint-segment", type=int, default=0, metavar="K",
-                    help="tbptt: recompute K-step segments in backward instead of storing them (saves memory)")
-    mt.add_argument("--max-skipped", type=_positive, default=20, metavar="N",
-                    help="stop once N meta-steps in a row had non-finite meta-gradients (each is skipped)")
-    mt.add_argument("--hidden-size", type=_positive, default=20, help="LSTM units per layer (the paper's: 20)")
-    mt.add_argument("--num-layers", type=_positive, default=2, help="LSTM layers (the paper's: 2)")
-    mt.add_argument("--inputs", choices=["paper", "normalized"], default="normalized",
-                    help="LSTM inputs: the paper's (log|g|, sign g) or gradient and momenta over their RMS")
-    mt.add_argument("--output", choices=["linear", "adam"], default="adam",
-                    help="update map: the paper's unbounded linear head, or a bounded modulation of Adam's step")
-    mt.add_argument("--output-scale", type=float, default=0.0,
-                    help="update scale (0: 0.1 for linear, 1e-3 for adam, the nominal Adam learning rate)")
-    mt.add_argument("--curriculum", type=_horizons, default=(), metavar="H2,H3,...",
-                    help="later training horizons, entered when held-out scores stop improving (Chen et al. 2020)")
-    mt.add_argument("--patience", type=_positive, default=2,
-                    help="evaluations without improvement before the curriculum moves on")
-    mt.add_argument("--eval-lengths", type=_horizons, default=(), metavar="L1,L2,...",
-                    help="run lengths scored on held-out tasks (default: horizon, 2x horizon, last curriculum horizon)")
-    mt.add_argument("--rescale", type=float, default=0.0, metavar="R",
-                    help="random objective rescaling f(c*theta), log c ~ U(-R, R) per coordinate (Lv et al. 2017)")
-    mt.add_argument("--imitation", type=int, default=0, metavar="N",
-                    help="warm start: N iterations fitting the LSTM's steps to tuned Adam's (Chen et al. 2020)")
     mt.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_arguments(mt, MetaTrainConfig, skip=("task",), nested={"net": DEFAULT_NET})
 
     demo = sub.add_parser("demo", help="meta-train on quadratics (~3 min), compare with tuned Adam/SGD, plot")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--iterations", type=_positive, default=200)
+    demo.add_argument("--iterations", type=positive, default=200)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
 
@@ -100,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--task", default="quadratic")
     bench.add_argument("--net", action="append", default=None,
                        help="packaged name, net.pt or run folder (repeatable; default: the packaged default)")
-    bench.add_argument("--steps", type=_positive, default=100)
-    bench.add_argument("--tasks", "--seeds", dest="tasks", type=_positive, default=1000,
+    bench.add_argument("--steps", type=positive, default=100)
+    bench.add_argument("--tasks", "--seeds", dest="tasks", type=positive, default=1000,
                        help="held-out tasks (seeds: initializations and minibatch orders) to report on")
     bench.add_argument("--baselines", default="Adam,SGD,RMSprop,NAG", help="comma-separated")
     bench.add_argument("--out", type=Path, default=Path("runs/benchmark"))
@@ -121,41 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "few-shot learning on the unroll engine")
         fs_sub = fs.add_subparsers(dest="action", required=True, metavar="ACTION")
         tr = fs_sub.add_parser("train", help="meta-train; writes OUT/checkpoint.pt and OUT/tb")
-        tr.add_argument("--out", type=Path, required=True)
-        tr.add_argument("--ways", type=_positive, default=5 if algorithm == "maml" else 60)
-        tr.add_argument("--shots", type=_positive, default=1)
-        tr.add_argument("--queries", type=_positive, default=None,
-                        help="query examples per class in training (default: shots for MAML, 5 for ProtoNet)")
-        tr.add_argument("--iterations", type=_positive, default=60000 if algorithm == "maml" else 20000)
-        tr.add_argument("--meta-lr", type=float, default=1e-3)
-        tr.add_argument("--channels", type=_positive, default=64)
-        tr.add_argument("--eval-every", type=_positive, default=500)
-        tr.add_argument("--checkpoint-every", type=_positive, default=500)
-        tr.add_argument("--seed", type=int, default=0)
-        tr.add_argument("--device", default="cpu")
-        tr.add_argument("--data-dir", default=None)
-        tr.add_argument("--resume", action="store_true")
+        tr.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt and TensorBoard logs")
+        tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
         tr.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
-        tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
-        tr.add_argument("--no-progress", action="store_true")
-        if algorithm == "maml":
-            tr.add_argument("--dataset", choices=["omniglot", "sinusoid"], default="omniglot")
-            tr.add_argument("--first-order", action="store_true")
-            tr.add_argument("--inner-steps", type=int, default=1,
-                            help="inner SGD steps (0: joint training, the 'pretrained' baseline of the MAML paper)")
-            tr.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (Omniglot), 0.01 (sinusoid)")
-            tr.add_argument("--inner-rule", choices=["sgd", "lstm"], default="sgd",
-                            help="inner-loop optimizer: SGD (MAML) or the learned LSTM rule, meta-trained jointly "
-                            "with the initialization (starts from the paper-faithful mnist-lstm net)")
-            tr.add_argument("--meta-batch", type=_positive, default=32)
+        tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop (with a checkpoint) once this much time is spent; --resume continues")
+        tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        maml_only = () if algorithm == "maml" else tuple(f.name for f in fields(FewShotConfig) if f.metadata.get("maml"))
+        add_config_arguments(tr, FewShotConfig, skip=maml_only)
         ev = fs_sub.add_parser("eval", help="mean test score and 95%% confidence interval over test episodes")
         ev.add_argument("--checkpoint", type=Path, required=True)
-        ev.add_argument("--ways", type=_positive, default=5)
-        ev.add_argument("--shots", type=_positive, default=1)
-        ev.add_argument("--episodes", type=_positive, default=1000)
+        ev.add_argument("--ways", type=positive, default=5)
+        ev.add_argument("--shots", type=positive, default=1)
+        ev.add_argument("--episodes", type=positive, default=1000)
         ev.add_argument("--inner-steps", type=int, default=None,
                         help="MAML adaptation steps at test time (default: the checkpoint's own)")
-        ev.add_argument("--query-batch", type=_positive, default=None, metavar="N",
+        ev.add_argument("--query-batch", type=positive, default=None, metavar="N",
                         help="query images classified at once (BatchNorm statistics; default: all N*15 together; "
                              "Finn et al.'s code used N*K)")
         ev.add_argument("--device", default="cpu")
@@ -172,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         torch.set_num_threads(1)  # 10-d quadratics are tiny: extra threads only add synchronization
     command = "learnedopt " + shlex.join(sys.argv[1:] if argv is None else argv)
-    from learnedopt.runs import MetaTrainingDiverged, RunInterrupted
+    from learnedopt.meta.runs import MetaTrainingDiverged, RunInterrupted
 
     stopped_by: list[int] = []
 
@@ -235,43 +174,14 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
             print(f"{name}: trained on {info.get('task', '?')} for {info.get('iteration', '?')} iterations")
         return 0
     if args.command == "meta-train":
-        from learnedopt import MetaTrainConfig, MetaTrainer
-        from learnedopt.distributed import init_from_environment, rank_and_world
-        from meta_train.tasks import get_family
+        from learnedopt import MetaTrainer
+        from learnedopt.meta.distributed import init_from_environment, rank_and_world
+        from learnedopt_experiments.meta_train.tasks import get_family
 
         device = init_from_environment(args.device)
         family = get_family(args.task, args.data_dir, device)
 
-        config = MetaTrainConfig(
-            task=args.task,
-            iterations=args.iterations,
-            horizon=args.horizon,
-            unroll=args.unroll,
-            meta_batch=args.meta_batch,
-            meta_lr=args.meta_lr,
-            objective=args.objective,
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
-            seed=args.seed,
-            device=device,
-            eval_tasks=args.eval_tasks,
-            init_net=args.init_net,
-            estimator=args.estimator,
-            es_pairs=args.es_pairs,
-            es_sigma=args.es_sigma,
-            checkpoint=args.checkpoint_segment,
-            max_skipped=args.max_skipped,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            inputs=args.inputs,
-            output=args.output,
-            output_scale=args.output_scale,
-            curriculum=args.curriculum,
-            patience=args.patience,
-            eval_lengths=args.eval_lengths,
-            rescale=args.rescale,
-            imitation=args.imitation,
-        )
+        config = config_from_args(MetaTrainConfig, args, task=args.task, device=device)
         trainer = MetaTrainer(family, config, args.out, resume=args.resume, progress=not args.no_progress)
         trainer.train(time_budget=args.time_budget)
         if rank_and_world()[0] != 0:
@@ -279,7 +189,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         print(f"wrote {args.out / 'net.pt'} (use: LearnedOptimizer(params, net={str(args.out / 'net.pt')!r}))")
         return 0
     if args.command == "demo":
-        from meta_train.reports import demo
+        from learnedopt_experiments.meta_train.reports import demo
 
         print(demo(args.out, args.iterations, args.seed, not args.no_progress, command))
         print(f"\nwrote {args.out / 'demo.png'}, {args.out / 'demo.md'}")
@@ -288,8 +198,8 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         import torch
 
         from learnedopt import DEFAULT_NET
-        from learnedopt.evaluation import BASELINES
-        from meta_train.reports import benchmark
+        from learnedopt.meta.evaluation import BASELINES
+        from learnedopt_experiments.meta_train.reports import benchmark
 
         baselines = [b for b in args.baselines.split(",") if b]
         unknown = [b for b in baselines if b not in BASELINES]
@@ -312,7 +222,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
 
 
 def _fewshot(args: argparse.Namespace) -> int:
-    from baselines.train import FewShotConfig, evaluate, train
+    from learnedopt_experiments.baselines.train import evaluate, train
 
     if args.action == "eval":
         metric, mean, half_width = evaluate(args.checkpoint, args.ways, args.shots, args.episodes, args.inner_steps,
@@ -322,30 +232,7 @@ def _fewshot(args: argparse.Namespace) -> int:
         print(f"{args.command} {task}: query {metric} {mean:.4f} ± {half_width:.4f} (95% CI, "
               f"{args.episodes} test episodes)")
         return 0
-    maml = args.command == "maml"
-    sinusoid = maml and args.dataset == "sinusoid"
-    config = FewShotConfig(
-        algorithm=args.command,
-        dataset=args.dataset if maml else "omniglot",
-        ways=1 if sinusoid else args.ways,
-        shots=args.shots,
-        queries=args.queries or (args.shots if maml else 5),
-        iterations=args.iterations,
-        meta_batch=args.meta_batch if maml else 1,
-        meta_lr=args.meta_lr,
-        inner_steps=args.inner_steps if maml else 0,
-        inner_lr=(args.inner_lr or (0.01 if sinusoid else 0.4)) if maml else 0.0,
-        first_order=maml and args.first_order,
-        inner_rule=args.inner_rule if maml else "sgd",
-        channels=args.channels,
-        strided=maml,
-        lr_halving=0 if maml else 2000,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        device=args.device,
-        data_dir=args.data_dir,
-    )
+    config = config_from_args(FewShotConfig, args, algorithm=args.command)
     train(config, args.out, resume=args.resume, progress=not args.no_progress, time_budget=args.time_budget)
     print(f"wrote {args.out / 'checkpoint.pt'}")
     return 0

@@ -1,6 +1,6 @@
 """Reports of update-rule comparisons: loss curves over held-out tasks, tables and plots.
 
-Every optimizer is run through the same unroll engine (:mod:`learnedopt.evaluation`) on the same tasks, initial
+Every optimizer is run through the same unroll engine (:mod:`learnedopt.meta.evaluation`) on the same tasks, initial
 parameters and batches, so the only difference between two curves is the update rule.
 """
 
@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from learnedopt import LSTMRule, UpdateRule, load_net
-from learnedopt.evaluation import BASELINES, TEST_SEED, final_losses, run_rule, tune_lr
-from learnedopt.tasks import Task
+from learnedopt.meta.evaluation import BASELINES, TEST_SEED, final_losses, run_rule, tune_lr
+from learnedopt.meta.tasks import Task
 
 __all__ = ["Curves", "compare"]
 

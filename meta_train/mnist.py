@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from learnedopt.data import CACHE_ROOT, candidate_roots, data_not_found
-from learnedopt.tasks import ModuleFamily, ModuleTask, Params
+from learnedopt_experiments.data import CACHE_ROOT, candidate_roots, data_not_found
+from learnedopt.meta.tasks import ModuleFamily, ModuleTask, Params
 
 __all__ = ["MNIST", "load_mnist", "MNIST_VARIANTS", "mnist_model", "MNISTTask", "MNISTFamily"]
 

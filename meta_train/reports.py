@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from learnedopt import MetaTrainConfig, MetaTrainer
-from learnedopt.evaluation import TEST_SEED, TUNE_SEED
+from learnedopt import LSTMConfig, MetaTrainConfig, MetaTrainer
+from learnedopt.meta.evaluation import TEST_SEED, TUNE_SEED
 
 from .evaluate import Curves, compare
 from .tasks import QuadraticFamily, get_family
@@ -109,8 +109,7 @@ def demo(out: Path, iterations: int, seed: int, progress: bool, command: str) ->
     """Meta-train a quadratic optimizer briefly, then compare it with tuned Adam and SGD on held-out tasks."""
     started = time.perf_counter()
     config = MetaTrainConfig(  # the paper's net and meta-loss, as in its quadratic experiment
-        task="quadratic", iterations=iterations, objective="sum", seed=seed, eval_every=20, inputs="paper",
-        output="linear",
+        task="quadratic", iterations=iterations, objective="sum", seed=seed, eval_every=20, net=LSTMConfig(),
     )
     family = QuadraticFamily()
     MetaTrainer(family, config, out / "run", progress=progress).train()

@@ -1,7 +1,7 @@
 """The experiments' task families: the paper's quadratics and MNIST networks, and the ``--task`` registry.
 
-The protocols and the building blocks users need for their own families (:class:`~learnedopt.tasks.ModuleFamily`,
-:class:`~learnedopt.tasks.Mixture`, :class:`~learnedopt.tasks.RescaledTask`) live in :mod:`learnedopt.tasks`;
+The protocols and the building blocks users need for their own families (:class:`~learnedopt.meta.tasks.ModuleFamily`,
+:class:`~learnedopt.meta.tasks.Mixture`, :class:`~learnedopt.meta.tasks.RescaledTask`) live in :mod:`learnedopt.meta.tasks`;
 ``--task package.module:factory`` loads a family of the user's own (:func:`family_from_path`).
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from learnedopt.tasks import Mixture, Params, TaskFamily
+from learnedopt.meta.tasks import Mixture, Params, TaskFamily
 
 from .mnist import MNIST_VARIANTS, MNISTFamily
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import learnedopt
 from learnedopt_cli import main
 
 
@@ -127,3 +128,36 @@ def test_corrupt_hostile_and_foreign_checkpoints_are_one_line_errors(tmp_path, c
     fewshot.mkdir()
     torch.save({"fewshot_config": {}, "model": {}}, fewshot / "checkpoint.pt")
     _one_line_error(capsys, ["meta-train", "--out", str(fewshot), *TINY, "--resume"], "not a meta-training checkpoint")
+
+
+def test_every_generated_flag_defaults_to_its_config_field():
+    """The command line with no optional flags builds exactly the library's default configs (issue 18)."""
+    import dataclasses
+
+    from learnedopt import MetaTrainConfig
+    from learnedopt_cli import build_parser
+    from learnedopt_cli.configargs import config_from_args, flag_defaults
+    from learnedopt_experiments.baselines import FewShotConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["meta-train", "--out", "x"])
+    assert config_from_args(MetaTrainConfig, args, task="") == MetaTrainConfig()
+    for algorithm in ("maml", "protonet"):
+        args = parser.parse_args([algorithm, "train", "--out", "x"])
+        assert config_from_args(FewShotConfig, args, algorithm=algorithm) == FewShotConfig(algorithm=algorithm)
+    # and every flag that a config field generated parses to that field's default
+    args = vars(parser.parse_args(["meta-train", "--out", "x"]))
+    defaults = flag_defaults(MetaTrainConfig, {"net": {"inputs": "normalized", "output": "adam"}})
+    del defaults["task"]  # --task names a registered family (default quadratic); the config's label follows it
+    assert len(defaults) > 25 and all(args[k] == v for k, v in defaults.items())
+    net_fields = {f.name: f.default for f in dataclasses.fields(learnedopt.LSTMConfig) if "help" in f.metadata}
+    assert {k: args[k] for k in net_fields} == {**net_fields, "inputs": "normalized", "output": "adam"}
+
+
+def test_estimator_choices_come_from_the_registry():
+    from learnedopt import ESTIMATORS
+    from learnedopt_cli import build_parser
+
+    meta_train = next(a for a in build_parser()._subparsers._group_actions[0].choices["meta-train"]._actions
+                      if a.dest == "estimator")
+    assert meta_train.choices == list(ESTIMATORS)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from learnedopt import MetaTrainConfig, MetaTrainer
-from meta_train.tasks import QuadraticFamily
+from learnedopt_experiments.meta_train.tasks import QuadraticFamily
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,8 +90,8 @@ def test_torchrun_launches_meta_train(tmp_path):
 @pytest.mark.parametrize("family", ["quadratic", "mnist-mlp"])
 def test_a_task_shard_is_those_rows_of_the_whole_batch(family):
     """Each rank's block has the same initial parameters, batches and losses as those rows of the global batch."""
-    from learnedopt.distributed import TaskShard
-    from meta_train.tasks import get_family
+    from learnedopt.meta.distributed import TaskShard
+    from learnedopt_experiments.meta_train.tasks import get_family
 
     if family.startswith("mnist") and not (ROOT.parent / "shared" / "data" / "MNIST" / "raw").is_dir():
         pytest.skip("needs ../shared/data/MNIST")

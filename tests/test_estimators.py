@@ -89,3 +89,21 @@ def test_bad_estimator_arguments():
         AntitheticES(pairs=4, sigma=0.0)
     with pytest.raises(ValueError, match="pairs"):
         PersistentES(pairs=0)
+
+
+@pytest.mark.parametrize("estimator", [AntitheticES(pairs=2, sigma=0.1), PersistentES(pairs=2, sigma=0.1)])
+def test_es_never_writes_the_live_meta_parameters(estimator):
+    """Perturbed truncations run on a private copy of the rule: the live weights keep their value throughout
+    (another thread, an evaluation, or an exception mid-unroll never sees perturbed weights)."""
+    rule = PreconditionedSGD()
+    original = [p.detach().clone() for p in rule.meta_params]
+    seen = []
+
+    def watched(params, batch):
+        seen.append(all(torch.equal(p, o) for p, o in zip(rule.meta_params, original)))
+        return quadratic(params, batch)
+
+    grads, _, _ = estimator.estimate(rule.meta_params, rule, watched, estimator.start(start()), 3, lambda t: None,
+                                     generator=torch.Generator().manual_seed(0))
+    assert len(seen) > 8 and all(seen)
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.episodes import Episode, EpisodeSampler, sample_sinusoids
-from baselines.batched import task_batched_loss
-from baselines.maml import adapt, adapt_batched, maml_step, query_accuracy
-from baselines.models import conv4, sinusoid_mlp
-from baselines.protonet import episode_accuracy, episode_loss, prototype_logits
+from learnedopt_experiments.baselines.episodes import Episode, EpisodeSampler, sample_sinusoids
+from learnedopt_experiments.baselines.batched import task_batched_loss
+from learnedopt_experiments.baselines.maml import adapt, adapt_batched, maml_step, query_accuracy
+from learnedopt_experiments.baselines.models import conv4, sinusoid_mlp
+from learnedopt_experiments.baselines.protonet import episode_accuracy, episode_loss, prototype_logits
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_omniglot = pytest.mark.skipif(not (SHARED / "omniglot-py").is_dir(), reason="needs ../shared/data/omniglot-py")
@@ -18,7 +18,7 @@ needs_omniglot = pytest.mark.skipif(not (SHARED / "omniglot-py").is_dir(), reaso
 
 @pytest.fixture(scope="module")
 def omniglot():
-    from baselines.omniglot import load_omniglot
+    from learnedopt_experiments.baselines.omniglot import load_omniglot
 
     return load_omniglot()
 
@@ -255,7 +255,7 @@ def _fake_omniglot(root, drawings):
 
 
 def test_omniglot_refuses_characters_with_too_few_drawings(tmp_path, monkeypatch):
-    import baselines.omniglot as data
+    import learnedopt_experiments.baselines.omniglot as data
 
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "cache")
     _fake_omniglot(tmp_path / "short", 19)
@@ -264,7 +264,7 @@ def test_omniglot_refuses_characters_with_too_few_drawings(tmp_path, monkeypatch
 
 
 def test_omniglot_cache_is_keyed_by_root_and_contents(tmp_path, monkeypatch):
-    import baselines.omniglot as data
+    import learnedopt_experiments.baselines.omniglot as data
 
     monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "cache")
     _fake_omniglot(tmp_path / "a", 20)
@@ -279,7 +279,7 @@ def test_omniglot_cache_is_keyed_by_root_and_contents(tmp_path, monkeypatch):
 
 
 def test_public_checkpoint_loader_and_eval_defaults_to_its_own_inner_steps():
-    from baselines import evaluate, load_checkpoint
+    from learnedopt_experiments.baselines import evaluate, load_checkpoint
 
     path = Path(__file__).resolve().parents[1] / "results" / "checkpoints" / "maml-sinusoid-5shot.pt"
     model, config, inner_net = load_checkpoint(path)

@@ -1,4 +1,4 @@
-"""The fused CPU step (learnedopt/_lstm_kernel.c) against the torch ops it replaces."""
+"""The fused CPU step (learnedopt/lstm_kernel.c) against the torch ops it replaces."""
 
 import shutil
 import subprocess
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import learnedopt
-from learnedopt import CoordinatewiseLSTM, LearnedOptimizer, kernel
+import learnedopt._kernel.build as kernel
+from learnedopt import CoordinatewiseLSTM, LearnedOptimizer
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler: the kernel cannot be built"
@@ -35,8 +36,8 @@ def _pair(net, **options):
     shapes = [(300, 70), (5,), (40_000,)]
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    fused = LearnedOptimizer(ps, net=net, fused=True, **options)
-    return ps, qs, fused, LearnedOptimizer(qs, net=net, fused=False, **options)
+    fused = LearnedOptimizer(ps, net=net, backend="kernel", **options)
+    return ps, qs, fused, LearnedOptimizer(qs, net=net, backend="torch", **options)
 
 
 def _gradients(ps, step):
@@ -100,7 +101,7 @@ def test_kernel_is_independent_of_thread_count():
         try:
             torch.manual_seed(0)
             p = torch.nn.Parameter(torch.randn(70_000))
-            opt = LearnedOptimizer([p], net=_net("general"), fused=True)
+            opt = LearnedOptimizer([p], net=_net("general"), backend="kernel")
             for step in range(3):
                 p.grad = _gradients([p], step)[0]
                 opt.step()
@@ -125,25 +126,25 @@ def test_state_dict_moves_between_kernel_and_torch_ops():
 
 
 def test_where_the_kernel_does_not_apply():
-    """A float64 net runs on torch ops under the default; fused=True says why it cannot run."""
+    """A float64 net runs on torch ops under the default; backend="kernel" says why it cannot run."""
     net = _net("general").double()
     p = torch.nn.Parameter(torch.randn(10, dtype=torch.float64))
     p.grad = torch.randn(10, dtype=torch.float64)
     LearnedOptimizer([p], net=net).step()
     assert p.dtype == torch.float64 and torch.isfinite(p).all()
     with pytest.raises(RuntimeError, match="float32 net"):
-        LearnedOptimizer([p], net=net, fused=True).step()
+        LearnedOptimizer([p], net=net, backend="kernel").step()
 
 
 def test_no_compiler_falls_back_with_one_warning(tmp_path):
-    """Without a C compiler the default path warns once and gives the torch ops' results; fused=True raises."""
+    """Without a C compiler the default path warns once and gives the torch ops' results; backend="kernel" raises."""
     script = f"""
 import warnings, torch, learnedopt
 torch.manual_seed(0)
 net = learnedopt.CoordinatewiseLSTM(inputs="normalized", output="adam")
 p, q = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
 q.data.copy_(p.data)
-a, b = learnedopt.LearnedOptimizer([p], net=net), learnedopt.LearnedOptimizer([q], net=net, fused=False)
+a, b = learnedopt.LearnedOptimizer([p], net=net), learnedopt.LearnedOptimizer([q], net=net, backend="torch")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for _ in range(3):
@@ -152,11 +153,11 @@ assert torch.equal(p, q)
 messages = [str(w.message) for w in caught if "fused CPU step" in str(w.message)]
 assert len(messages) == 1 and "no C compiler" in messages[0], messages
 try:
-    learnedopt.LearnedOptimizer([p], net=net, fused=True).step()
+    learnedopt.LearnedOptimizer([p], net=net, backend="kernel").step()
 except RuntimeError as err:
     assert "no C compiler" in str(err), err
 else:
-    raise AssertionError("fused=True ran without a compiler")
+    raise AssertionError("backend='kernel' ran without a compiler")
 """
     env = {"PATH": str(tmp_path), "LEARNEDOPT_KERNEL_CACHE": str(tmp_path / "cache"), "CC": "no-such-compiler"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
@@ -166,17 +167,17 @@ else:
 def test_library_is_cached_per_cpu_and_source(tmp_path, monkeypatch):
     monkeypatch.setenv("LEARNEDOPT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(kernel, "_LIBRARIES", {})
-    settings = dict(H=5, LAYERS=1, NK=1, PAPER=0, ADAM=0, OUT=1, BF16=0, GP=32)
-    kernel.load(**settings)
+    settings = kernel.Build(hidden=5, layers=1, decays=1, paper=False, adam=False, outputs=1)
+    kernel.load(settings)
     built = sorted(tmp_path.glob("lstm_step_*.so"))
     assert len(built) == 1
     monkeypatch.setattr(kernel, "_LIBRARIES", {})
     monkeypatch.setenv("CC", "no-such-compiler")  # a cached library needs no compiler ...
     monkeypatch.setattr(kernel.shutil, "which", lambda name: "/bin/true" if name == "no-such-compiler" else None)
-    kernel.load(**settings)
+    kernel.load(settings)
     assert sorted(tmp_path.glob("lstm_step_*.so")) == built
     monkeypatch.setattr(kernel, "_cpu_identity", lambda: "another CPU")  # ... but another CPU needs its own build
     monkeypatch.setattr(kernel, "_LIBRARIES", {})
     with pytest.raises(kernel.KernelUnavailable), pytest.warns(UserWarning, match="fused CPU step"):
-        kernel.load(**settings)
-    assert learnedopt.kernel.cache_dir() == tmp_path
+        kernel.load(settings)
+    assert kernel.cache_dir() == tmp_path

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LearnedOptimizer, kernel
+import learnedopt._kernel.build as kernel
+from learnedopt import CoordinatewiseLSTM, LearnedOptimizer
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler: the kernel cannot be built"
@@ -57,7 +58,7 @@ def first_use(monkeypatch):
         torch.manual_seed(1)
         p, q = torch.nn.Parameter(torch.randn(500)), torch.nn.Parameter(torch.zeros(500))
         q.data.copy_(p.data)
-        fused, ops = LearnedOptimizer([p], net=net, fused=True), LearnedOptimizer([q], net=net, fused=False)
+        fused, ops = LearnedOptimizer([p], net=net, backend="kernel"), LearnedOptimizer([q], net=net, backend="torch")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(2):
@@ -98,7 +99,7 @@ def genuine(tmp_path_factory) -> Path:
         patch.setattr(kernel, "_LIBRARIES", {})
         p = torch.nn.Parameter(torch.zeros(3))
         p.grad = torch.ones(3)
-        LearnedOptimizer([p], net=_net(), fused=True).step()
+        LearnedOptimizer([p], net=_net(), backend="kernel").step()
     return folder
 
 

@@ -1,4 +1,9 @@
-"""Dependencies point one way: engine <- meta-training library (both in learnedopt) <- experiments <- CLI."""
+"""Dependencies point one way: engine <- meta-training library (both in learnedopt) <- experiments <- CLI.
+
+The folders show the layers: ``learnedopt/`` top-level modules, ``learnedopt/lstm/`` and ``learnedopt/_kernel/``
+are the engine; ``learnedopt/meta/`` is the meta-training library; ``meta_train/`` and ``baselines/`` (installed as
+``learnedopt_experiments.meta_train`` and ``.baselines``) are the experiments; ``learnedopt_cli`` is the top.
+"""
 
 import ast
 import subprocess
@@ -6,15 +11,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ABOVE_LIBRARY = {"meta_train", "baselines", "learnedopt_cli", "benchmarks", "tests"}
-# the engine: the update-rule core, the optimizer, the unroll and what it needs; never the meta-training library
-ENGINE = {"rules", "lstm", "kernel", "optimizer", "unroll", "estimators", "pretrained"}
-META_TRAINING = {"tasks", "trainer", "evaluation", "imitation", "distributed", "data", "runs"}
+EXPERIMENTS = "learnedopt_experiments"
+ABOVE_LIBRARY = {EXPERIMENTS, "learnedopt_cli", "benchmarks", "tests", "meta_train", "baselines"}
+ENGINE_FILES = [*ROOT.glob("learnedopt/*.py"), *ROOT.glob("learnedopt/lstm/*.py"), *ROOT.glob("learnedopt/_kernel/*.py")]
+# the package's __init__ re-exports the meta-training library's public names: the one engine file allowed to
+ENGINE_FILES = [p for p in ENGINE_FILES if p != ROOT / "learnedopt" / "__init__.py"]
+FOLDERS = {"meta_train": f"{EXPERIMENTS}.meta_train", "baselines": f"{EXPERIMENTS}.baselines"}  # as installed
 
 
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """Every module a file imports, anywhere in it (also inside functions), as absolute dotted names."""
-    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    parts = list(path.relative_to(root).with_suffix("").parts[:-1])
+    if parts and parts[0] in FOLDERS:
+        parts = FOLDERS[parts[0]].split(".") + parts[1:]
+    package = ".".join(parts)
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -36,27 +46,49 @@ def test_the_library_imports_nothing_above_it():
 
 
 def test_the_engine_imports_nothing_of_the_meta_training_library():
-    for name in ENGINE:
-        imported = imported_modules(ROOT / "learnedopt" / f"{name}.py")
-        assert not {m for m in imported if m.startswith("learnedopt.") and m.split(".")[1] in META_TRAINING}, name
+    assert len(ENGINE_FILES) > 15
+    for path in ENGINE_FILES:
+        imported = imported_modules(path)
+        assert not {m for m in imported if m.startswith("learnedopt.meta")}, path
+
+
+def test_the_kernel_is_private_to_the_lstm():
+    for path in (ROOT / "learnedopt").rglob("*.py"):
+        if path.parent.name in ("lstm", "_kernel"):
+            continue
+        assert not {m for m in imported_modules(path) if m.startswith("learnedopt._kernel")}, path
 
 
 def test_experiment_packages_do_not_import_the_command_line_or_each_other():
-    for package, forbidden in (("meta_train", {"learnedopt_cli", "baselines"}), ("baselines", {"learnedopt_cli", "meta_train"})):
-        for path in (ROOT / package).rglob("*.py"):
-            assert not {m for m in imported_modules(path) if m.split(".")[0] in forbidden}, path
+    for folder, forbidden in (("meta_train", {"learnedopt_cli", f"{EXPERIMENTS}.baselines"}),
+                              ("baselines", {"learnedopt_cli", f"{EXPERIMENTS}.meta_train"})):
+        for path in (ROOT / folder).rglob("*.py"):
+            imported = imported_modules(path)
+            assert not {m for m in imported if any(m == f or m.startswith(f + ".") for f in forbidden)}, path
+            assert not {m for m in imported if m.split(".")[0] in FOLDERS}, path  # only the installed names
 
 
 def test_importing_the_library_loads_no_experiment_code():
-    code = "import sys, learnedopt, learnedopt.data; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    code = "import sys, learnedopt, learnedopt.meta; print(sorted({m.split('.')[0] for m in sys.modules}))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert not ABOVE_LIBRARY & set(eval(loaded))
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
-    """The graph test can fail: a lazy upward import in a function is found."""
-    bad = tmp_path / "learnedopt" / "probe.py"
-    bad.parent.mkdir()
-    bad.write_text("def f():\n    from meta_train.tasks import get_family\n    from .tasks import Task\n")
+    """The graph test can fail: a lazy upward import in a function is found, and relative imports resolve."""
+    bad = tmp_path / "learnedopt" / "lstm" / "probe.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("def f():\n    from learnedopt_experiments.meta_train.tasks import get_family\n"
+                   "    from ..meta.tasks import Task\n")
     found = imported_modules(bad, root=tmp_path)
-    assert "meta_train.tasks" in found and "learnedopt.tasks" in found
+    assert "learnedopt_experiments.meta_train.tasks" in found and "learnedopt.meta.tasks" in found
+
+
+def test_files_and_classes_stay_small():
+    """The longest file in learnedopt/ is under ~400 lines and no class over ~200 (issue 18)."""
+    for path in (ROOT / "learnedopt").rglob("*.py"):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 400, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                assert node.end_lineno - node.lineno < 200, f"{path}: class {node.name}"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient, unroll
+from learnedopt.lstm import chunks
 
 
 def test_preprocessing_matches_hand_computed_values():
@@ -58,7 +59,7 @@ def test_flat_batching_does_not_change_results(small_net):
     alone = LSTMRule(small_net, chunk_size=10**6)
     expected = [alone.update([x], alone.init([p]), [p]) for x, p in zip(g, params)]
     small = LSTMRule(small_net, chunk_size=64)
-    plan = small._plan([x.numel() for x in g])  # tensors of >= 16 rows get their own chunks, the rest share one
+    plan = chunks.plan([x.numel() for x in g], 64)  # tensors of >= 16 rows get their own chunks, the rest share one
     assert [[i for i, _ in chunk] for chunk in plan] == [[0]] * 16 + [[1], [4], [4], [3, 5]]
     assert all(rows.stop - rows.start <= 64 for chunk in plan for _, rows in chunk)
     for grad_mode in (True, False):  # the unroll engine's path, then the optimizer's in-place path
@@ -84,23 +85,23 @@ def test_nonfinite_gradients_are_skipped_and_counted(small_net):
 
 
 def test_fused_cell_equals_torch_lstm_cell(small_net):
-    from learnedopt.lstm import _gate_weight, _lstm_cell
+    from learnedopt.lstm.cell import gate_weight, lstm_cell
 
     cell = small_net.cells[1].double()
     x, h, c = (torch.randn(9, 20, dtype=torch.float64) for _ in range(3))
     expected_h, expected_c = cell(x, (h, c))
-    got_h, got_c = _lstm_cell(_gate_weight(cell), x, h, c)
+    got_h, got_c = lstm_cell(gate_weight(cell), x, h, c)
     torch.testing.assert_close(got_h, expected_h)
     torch.testing.assert_close(got_c, expected_c)
 
 
 def test_fused_backward_passes_gradcheck_in_float64(small_net):
-    from learnedopt.lstm import _FusedCell
+    from learnedopt.lstm.cell import FusedCell
 
     torch.manual_seed(0)
     weight = torch.randn(80, 4 + 20 + 1, dtype=torch.float64, requires_grad=True)
     x, h, c = (torch.randn(7, n, dtype=torch.float64, requires_grad=True) for n in (4, 20, 20))
-    assert torch.autograd.gradcheck(_FusedCell.apply, (weight, x, h, c))
+    assert torch.autograd.gradcheck(FusedCell.apply, (weight, x, h, c))
     # and through the whole net, with some inputs not needing gradients
     net = small_net.double()
     features = torch.randn(5, net.config.input_size, dtype=torch.float64)
@@ -112,7 +113,7 @@ def test_fused_backward_passes_gradcheck_in_float64(small_net):
 def test_fused_truncation_gradients_equal_the_op_by_op_reference(kernel):
     """A real meta-training truncation: the same meta-loss and meta-gradient with the fused cell (on the C kernel,
     or on torch ops with the compiled backward) and with autograd's op-by-op record."""
-    from learnedopt.tasks import ModuleFamily
+    from learnedopt.meta.tasks import ModuleFamily
 
     data = (torch.randn(512, 12), torch.randint(0, 4, (512,)))
     make = lambda: torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))  # noqa: E731
@@ -125,7 +126,7 @@ def test_fused_truncation_gradients_equal_the_op_by_op_reference(kernel):
     results = {}
     for fused in (True, False):
         params = task.init_params(torch.Generator().manual_seed(1))
-        rule = LSTMRule(net, fused=fused, chunk_size=100, kernel=None if kernel else False)
+        rule = LSTMRule(net, chunk_size=100, backend=("auto" if kernel else "torch") if fused else "reference")
         out = unroll(task.loss, params, rule, None, 8, task.batch, transform=torch.log)
         results[fused] = (out.meta_loss.detach(), torch.autograd.grad(out.meta_loss, list(net.parameters())))
     # the torch forward is the same math as the reference; the kernel's sums run in another order
@@ -141,7 +142,8 @@ def test_fused_truncation_gradients_equal_the_op_by_op_reference(kernel):
 def test_kernel_lstm_equals_the_torch_cells(arch, rows):
     """All layers as one C-kernel node (forward and backward, a partial last block) against the torch cells with
     their fused backward, for every subset of inputs that needs a gradient."""
-    from learnedopt.lstm import _cell_kernel, _gate_weight
+    from learnedopt.lstm.cell import gate_weight
+    from learnedopt.lstm.kernel_ops import cell_library
 
     configs = {"paper": {}, "general": dict(inputs="normalized", output="adam"),
                "odd": dict(hidden_size=7, num_layers=3, inputs="normalized", momentum_decays=(0.9, 0.5))}
@@ -152,14 +154,14 @@ def test_kernel_lstm_equals_the_torch_cells(arch, rows):
     layers, hidden = net.config.num_layers, net.config.hidden_size
     inputs = [torch.randn(rows, net.config.input_size), torch.randn(layers, rows, hidden),
               torch.randn(layers, rows, hidden)]
-    assert _cell_kernel([_gate_weight(c) for c in net.cells], *inputs) is not None  # the kernel path does run
+    assert cell_library([gate_weight(c) for c in net.cells], *inputs) is not None  # the kernel path does run
     upstream = [torch.randn(rows, net.head.out_features), torch.randn(layers, rows, hidden),
                 torch.randn(layers, rows, hidden)]
     for needs in ((True, True, True), (False, True, True), (False, True, False)):
         results = {}
         for kernel in (True, False):
             leaves = [t.clone().requires_grad_(need) for t, need in zip(inputs, needs)]
-            outputs = net.step(*leaves, kernel=kernel)
+            outputs = net.step(*leaves, backend="auto" if kernel else "torch")
             loss = sum((out * up).sum() for out, up in zip(outputs, upstream))
             wrt = [t for t in leaves if t.requires_grad] + list(net.parameters())
             results[kernel] = (*outputs, *torch.autograd.grad(loss, wrt))
@@ -171,14 +173,14 @@ def test_kernel_lstm_equals_the_torch_cells(arch, rows):
 def test_bounded_adam_step_backward_passes_gradcheck():
     """The output map's hand-written backward, for the raw outputs and the nominal step (clipped on both sides,
     unseen coordinates included)."""
-    from learnedopt.lstm import _BoundedAdamStep
+    from learnedopt.lstm.output import BoundedAdamStep
 
     torch.manual_seed(0)
     raw = torch.randn(9, 2, dtype=torch.float64, requires_grad=True)
     nominal = torch.tensor([-3.0, -0.5, 0.2, 0.9, 2.0, -0.1, 0.7, -1.5, 0.3], dtype=torch.float64,
                            requires_grad=True)
     seen = torch.tensor([True] * 7 + [False] * 2)
-    assert torch.autograd.gradcheck(lambda r, n: _BoundedAdamStep.apply(r, n, seen, math.log(100.0), 0.1),
+    assert torch.autograd.gradcheck(lambda r, n: BoundedAdamStep.apply(r, n, seen, math.log(100.0), 0.1),
                                     (raw, nominal))
 
 
@@ -192,7 +194,7 @@ def test_second_order_maml_through_the_lstm_rule_is_unchanged_by_the_fused_backw
     for fused in (True, False):
         params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
         loss = lambda p, batch: torch.nn.functional.mse_loss(torch.func.functional_call(model, p, (x,)), y)  # noqa: E731
-        out = unroll(loss, params, LSTMRule(net, fused=fused), None, 3, lambda t: None, second_order=True)
+        out = unroll(loss, params, LSTMRule(net, backend="auto" if fused else "reference"), None, 3, lambda t: None, second_order=True)
         grads[fused] = torch.autograd.grad(out.meta_loss, list(params.values()))
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -202,7 +204,7 @@ def test_fused_backward_falls_back_to_eager_math_where_compilation_fails(monkeyp
     """No C++ compiler, an unsupported platform: the same gradients, computed eagerly, and one warning."""
     import pytest
 
-    import learnedopt.lstm as lstm
+    import learnedopt.lstm.cell as cell
 
     def broken_compile(fn, **options):
         def run(*args):
@@ -210,14 +212,14 @@ def test_fused_backward_falls_back_to_eager_math_where_compilation_fails(monkeyp
 
         return run
 
-    monkeypatch.setattr(lstm, "_COMPILED", {})
+    monkeypatch.setattr(cell, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
     torch.manual_seed(0)
     net = CoordinatewiseLSTM()
     features = torch.randn(6, net.config.input_size)
     h, c = (torch.randn(2, 6, 20, requires_grad=True) for _ in range(2))
     with pytest.warns(UserWarning, match="torch.compile of the LSTM cell failed"):
-        fused = torch.autograd.grad(net.step(features, h, c, kernel=False)[0].sum(), (h, c))  # the torch cell
-    reference = torch.autograd.grad(net.step(features, h, c, fused=False)[0].sum(), (h, c))
+        fused = torch.autograd.grad(net.step(features, h, c, backend="torch")[0].sum(), (h, c))  # the torch cell
+    reference = torch.autograd.grad(net.step(features, h, c, backend="reference")[0].sum(), (h, c))
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b)

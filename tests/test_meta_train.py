@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from learnedopt import LSTMRule, MetaTrainConfig, MetaTrainer, load_net
-from learnedopt.evaluation import (
+from learnedopt.meta.evaluation import (
     BASELINES,
     TEST_SEED,
     TUNE_SEED,
@@ -12,7 +12,7 @@ from learnedopt.evaluation import (
     run_rule,
     tune_lr,
 )
-from meta_train.tasks import QuadraticFamily, get_family
+from learnedopt_experiments.meta_train.tasks import QuadraticFamily, get_family
 
 
 def tiny_config(**overrides):
@@ -48,7 +48,7 @@ def _save_untrained(trainer, tmp_path):
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
     """Ctrl-C inside an iteration's meta-step: the checkpoint holds the last finished iteration (a resume point,
     not the last periodic checkpoint), and the resumed run ends exactly where an uninterrupted one does."""
-    from learnedopt.runs import RunInterrupted
+    from learnedopt.meta.runs import RunInterrupted
 
     config = tiny_config(checkpoint_every=100)
     full = MetaTrainer(QuadraticFamily(), config, tmp_path / "full", progress=False)
@@ -75,7 +75,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     for index, state in full.meta_opt.state_dict()["state"].items():
         assert torch.equal(resumed.meta_opt.state_dict()["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
     assert torch.equal(full.generator.get_state(), resumed.generator.get_state())
-    assert full.history == resumed.history
+    assert full.selection.history == resumed.selection.history
     assert (tmp_path / "cut" / "net.pt").is_file()
 
 

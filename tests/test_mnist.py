@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import learnedopt
-from learnedopt.data import DataNotFoundError, candidate_roots, resolve_data_root
-from learnedopt.evaluation import TUNE_SEED, tune_lr
-from meta_train.mnist import MNISTFamily, load_mnist, mnist_model
+from learnedopt_experiments.data import DataNotFoundError, candidate_roots, resolve_data_root
+from learnedopt.meta.evaluation import TUNE_SEED, tune_lr
+from learnedopt_experiments.meta_train.mnist import MNISTFamily, load_mnist, mnist_model
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_mnist = pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="needs ../shared/data/MNIST")
@@ -146,7 +146,7 @@ def test_default_learned_optimizer_trains_an_mnist_mlp(mnist):
 
 @needs_mnist
 def test_runs_are_scored_on_a_fixed_evaluation_set_not_the_last_minibatch():
-    from learnedopt.evaluation import final_losses, run_rule
+    from learnedopt.meta.evaluation import final_losses, run_rule
 
     task = MNISTFamily("mnist-mlp").sample(3, torch.Generator().manual_seed(0))
     result = run_rule(task, learnedopt.adam(1e-2), 5, init_seed=1)

@@ -141,13 +141,13 @@ def test_step_and_unroll_engine_give_identical_updates(small_net):
     model = mlp()
     engine_params = {k: v.detach().clone() for k, v in model.named_parameters()}
     batches = [(torch.randn(16, 10), torch.randn(16, 1)) for _ in range(4)]
-    opt = LearnedOptimizer(model.parameters(), net=small_net, fused=False)
+    opt = LearnedOptimizer(model.parameters(), net=small_net, backend="torch")
     for x, y in batches[:3]:
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     loss_fn = learnedopt.module_loss(model, nn.functional.mse_loss)
-    rule = learnedopt.LSTMRule(small_net, kernel=False)
+    rule = learnedopt.LSTMRule(small_net, backend="torch")
     out = learnedopt.unroll(loss_fn, engine_params, rule, None, 3, lambda t: batches[t])
     for name, p in model.named_parameters():
         assert torch.equal(out.params[name].detach(), p.detach()), name
@@ -164,7 +164,7 @@ def test_compiled_step_matches_eager(small_net):
         pytest.skip(f"torch.compile is unavailable here: {err}")
     models = [mlp(), mlp()]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [LearnedOptimizer(m.parameters(), net=small_net, chunk_size=64, compile=flag, fused=False)
+    opts = [LearnedOptimizer(m.parameters(), net=small_net, chunk_size=64, compile=flag, backend="torch")
             for m, flag in zip(models, (False, True))]
     for model, opt in zip(models, opts):
         torch.manual_seed(3)

@@ -3,8 +3,8 @@
 import torch
 
 from learnedopt import CoordinatewiseLSTM, LSTMRule, MetaTrainConfig, MetaTrainer, Mixture, RescaledTask, adam
-from learnedopt.imitation import imitation_step, step_mismatch
-from meta_train.tasks import QuadraticFamily
+from learnedopt.meta.imitation import imitation_step, step_mismatch
+from learnedopt_experiments.meta_train.tasks import QuadraticFamily
 
 
 def test_imitation_reproduces_the_teachers_step_on_held_out_gradients():
@@ -46,10 +46,10 @@ def test_short_curriculum_moves_to_the_next_stage(tmp_path):
     )
     trainer = MetaTrainer(QuadraticFamily(), config, tmp_path, progress=False)
     trainer.train()
-    horizons = [h["horizon"] for h in trainer.history]
-    assert horizons[0] == 10 and horizons[-1] == 20 and trainer.stage == 1
+    horizons = [h["horizon"] for h in trainer.selection.history]
+    assert horizons[0] == 10 and horizons[-1] == 20 and trainer.selection.stage == 1
     resumed = MetaTrainer(QuadraticFamily(), config, tmp_path, resume=True, progress=False)
-    assert resumed.stage == 1 and resumed.horizon == 20
+    assert resumed.selection.stage == 1 and resumed.selection.horizon == 20
 
 
 def test_imitation_warm_start_runs_before_meta_training_and_resumes(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from learnedopt import CoordinatewiseLSTM, LearnedOptimizer, LSTMRule, load_net, save_net
 from learnedopt.lstm import largest_gradient
 
-PATHS = {"kernel": True, "torch ops": False}
+PATHS = {"kernel": "kernel", "torch ops": "torch"}
 
 
 def _random_net(**config) -> CoordinatewiseLSTM:
@@ -25,7 +25,7 @@ def test_one_huge_gradient_does_not_freeze_a_coordinate(path, inputs):
     """``g = 1e30`` squared overflows float32: it is skipped and counted, and the coordinate keeps training."""
     net = _random_net(inputs=inputs, output="adam", output_scale=1e-3)
     p = torch.nn.Parameter(torch.zeros(10))
-    opt = LearnedOptimizer([p], net=net, fused=PATHS[path])
+    opt = LearnedOptimizer([p], net=net, backend=PATHS[path])
     positions = []
     for g in (1.0, 1e30, 1.0, 1.0):
         p.grad = torch.full_like(p, g)
@@ -72,7 +72,7 @@ def test_a_net_with_nan_weights_keeps_the_update_finite_and_bounded(path, output
     for p in net.parameters():
         p.data.fill_(float("nan"))
     p = torch.nn.Parameter(torch.randn(200))
-    opt = LearnedOptimizer([p], net=net, fused=PATHS[path])
+    opt = LearnedOptimizer([p], net=net, backend=PATHS[path])
     for _ in range(3):
         before = p.detach().clone()
         p.grad = torch.randn(200) * 10.0 ** torch.randint(-6, 6, (200,))

@@ -15,9 +15,9 @@ import torch
 import learnedopt
 from learnedopt import MetaTrainConfig, MetaTrainer, load_net
 from learnedopt.pretrained import load_file
-from learnedopt.runs import MetaTrainingDiverged, hold_run_folder
+from learnedopt.meta.runs import MetaTrainingDiverged, hold_run_folder
 from learnedopt_cli import main
-from meta_train.tasks import get_family
+from learnedopt_experiments.meta_train.tasks import get_family
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(task="quadratic", horizon=20, unroll=10, meta_batch=8, eval_every=1000, checkpoint_every=3,

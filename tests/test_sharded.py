@@ -51,7 +51,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                     if isinstance(layer, torch.nn.Linear):
                         fully_shard(layer)
                 fully_shard(model)
-                opt = LearnedOptimizer(model.parameters(), fused=None if wrapper == "fsdp2" else False)
+                opt = LearnedOptimizer(model.parameters(), backend="auto" if wrapper == "fsdp2" else "torch")
                 _train(model, opt, half)
                 results[wrapper] = {k: v.full_tensor() for k, v in model.state_dict().items()}
                 state = opt.state[next(iter(model.parameters()))]

@@ -9,7 +9,7 @@ from torch import nn
 import learnedopt
 from learnedopt import LearnedOptimizer, ModuleFamily, load_net
 from learnedopt_cli import main
-from meta_train.tasks import family_from_path
+from learnedopt_experiments.meta_train.tasks import family_from_path
 
 SETTINGS = dict(iterations=4, horizon=20, unroll=10, meta_batch=4, eval_every=2, eval_tasks=4, checkpoint_every=1)
 

@@ -5,7 +5,7 @@ import torch
 
 import learnedopt
 from learnedopt import CoordinatewiseLSTM, LSTMRule, preprocess_gradient, unroll
-from meta_train.tasks import QuadraticFamily
+from learnedopt_experiments.meta_train.tasks import QuadraticFamily
 
 
 def tiny_problem():

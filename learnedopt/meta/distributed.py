@@ -46,7 +46,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 class TaskShard:
-    """Tasks ``rows`` of a batched :class:`~learnedopt.tasks.Task`: the same initial parameters and minibatches
+    """Tasks ``rows`` of a batched :class:`~learnedopt.meta.tasks.Task`: the same initial parameters and minibatches
     as those rows of the whole batch, so a sharded run computes what a single process would."""
 
     def __init__(self, task: Task, rows: slice) -> None:

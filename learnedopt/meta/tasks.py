@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .unroll import Params
+from ..unroll import Params
 from torch.func import functional_call, replace_all_batch_norm_modules_, stack_module_state, vmap
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 

@@ -1,8 +1,9 @@
-"""Where datasets live: one data-root convention for the library, the experiments and users' scripts.
+"""Where datasets live: one data-root convention for the experiments, the examples and users' scripts.
 
 The data root is resolved in this order: an explicit ``data_dir`` (the ``--data-dir`` flag), the
-``LEARNEDOPT_DATA`` environment variable, ``../shared/data`` beside the project (or the working directory) when
-it exists, and finally ``~/.cache/learnedopt``, where torchvision downloads what it can when a network exists.
+``LEARNEDOPT_DATA`` environment variable, ``../shared/data`` beside the source checkout (only when running from
+one: an installed wheel has no project folder) or beside the working directory, when it exists, and finally
+``~/.cache/learnedopt``, where torchvision downloads what it can when a network exists.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 __all__ = ["CACHE_ROOT", "DataNotFoundError", "candidate_roots", "resolve_data_root", "data_not_found"]
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root when running from a source checkout
 CACHE_ROOT = Path("~/.cache/learnedopt").expanduser()
 
 
@@ -28,7 +29,8 @@ def candidate_roots(data_dir: str | os.PathLike[str] | None = None) -> list[tupl
     if os.environ.get("LEARNEDOPT_DATA"):
         return [(Path(os.environ["LEARNEDOPT_DATA"]).expanduser(), "LEARNEDOPT_DATA")]
     roots: list[tuple[Path, str]] = []
-    for base in (_PROJECT_ROOT, Path.cwd()):
+    bases = ([_CHECKOUT] if (_CHECKOUT / "pyproject.toml").is_file() else []) + [Path.cwd()]
+    for base in bases:
         shared = (base / ".." / "shared" / "data").resolve()
         if shared.is_dir() and all(shared != r for r, _ in roots):
             roots.append((shared, "../shared/data"))

@@ -1,12 +1,12 @@
 /* The coordinatewise LSTM optimizer's hot loops, each fused into one pass over blocks of coordinates.
  *
- * lstm_step is the C twin of learnedopt/lstm.py's LSTMRule.update without autograd, in place: the gradient
+ * lstm_step is the C twin of learnedopt/lstm/rule.py's LSTMRule.update without autograd, in place: the gradient
  * features (running moments or the paper's log/sign map), every LSTM layer, the head and the output map run per
  * block of BLOCK coordinates whose working set stays in the L1/L2 cache, so the hidden state is read and written
- * once per step, where the torch path makes a pass over memory per op. learnedopt/kernel.py compiles this file
+ * once per step, where the torch path makes a pass over memory per op. learnedopt/_kernel/build.py compiles this file
  * at first use with the net's sizes as constants (-D flags below) and tests it against the torch path
  * (tests/test_kernel.py); the torch path stays the reference and the fallback. cell_forward and cell_backward
- * are one LSTM layer of the differentiable path (lstm.py's _FusedLSTM), tested in tests/test_lstm.py.
+ * are one LSTM layer of the differentiable path (learnedopt/lstm/kernel_ops.py's FusedLSTM), tested in tests/test_lstm.py.
  *
  * Compile-time constants: H (hidden size), LAYERS, NK (momentum decays), PAPER (1: log/sign inputs, 0:
  * normalized moments), ADAM (1: bounded Adam-modulating output, 0: linear), OUT (head outputs), BF16 (1: the
@@ -30,7 +30,7 @@
 #define XW (H > IN ? H : IN)            /* width of a layer's input buffer */
 #define BLOCK 64                       /* coordinates per block: gates 64 x GP floats stay in the L1/L2 cache */
 #define MAX_THREADS 64
-#define GRAD_LIMIT 9223372036854775808.0f  /* 2^63: lstm.py's largest_gradient(float32) */
+#define GRAD_LIMIT 9223372036854775808.0f  /* 2^63: learnedopt/lstm/features.py's largest_gradient(float32) */
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));  /* loads need no alignment */
 

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -41,8 +42,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
-from .rules import RuleState, UpdateRule
-from .unroll import LossFn, Params, unroll
+from ..rules import RuleState, UpdateRule
+from ..unroll import LossFn, Params, unroll
 
 __all__ = ["GradientEstimator", "TruncatedBackprop", "AntitheticES", "PersistentES", "ESTIMATORS"]
 
@@ -133,26 +134,23 @@ def _unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 class _Perturbed:
-    """Evaluate a truncation with the meta-parameters temporarily set to ``theta + delta`` (no autograd)."""
+    """Evaluate a truncation at meta-parameters ``theta + delta`` (no autograd) on a private copy of the rule
+    whose parameters stand in for ``meta_params``: the live weights are never written."""
 
     def __init__(self, meta_params: Sequence[Tensor], rule: UpdateRule, loss_fn: LossFn, steps: int, batch: Batch,
                  transform: Callable[[Tensor], Tensor] | None) -> None:
-        self.meta_params, self.rule, self.loss_fn = list(meta_params), rule, loss_fn
-        self.steps, self.batch, self.transform = steps, batch, transform
-        self.theta = parameters_to_vector(self.meta_params).detach()
+        self.theta = parameters_to_vector(list(meta_params)).detach()
+        self.stand_ins = [torch.nn.Parameter(p.detach().clone(), requires_grad=False) for p in meta_params]
+        self.rule = copy.deepcopy(rule, {id(p): q for p, q in zip(meta_params, self.stand_ins)})
+        self.loss_fn, self.steps, self.batch, self.transform = loss_fn, steps, batch, transform
 
     def __call__(self, delta: Tensor | None, start: Trajectory) -> tuple[float, Trajectory]:
         with torch.no_grad():
-            if delta is not None:
-                for p, d in zip(self.meta_params, _unflatten(self.theta + delta, self.meta_params)):
-                    p.copy_(d)
-            try:
-                out = unroll(self.loss_fn, start.params, self.rule, start.state, self.steps, self.batch,
-                             transform=self.transform)
-            finally:
-                if delta is not None:
-                    for p, d in zip(self.meta_params, _unflatten(self.theta, self.meta_params)):
-                        p.copy_(d)
+            weights = self.theta if delta is None else self.theta + delta
+            for q, w in zip(self.stand_ins, _unflatten(weights, self.stand_ins)):
+                q.copy_(w)
+            out = unroll(self.loss_fn, start.params, self.rule, start.state, self.steps, self.batch,
+                         transform=self.transform)
         params, state = out.detached()
         return out.meta_loss.item(), Trajectory(params, state)
 

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .lstm import LSTMRule
-from .rules import UpdateRule
+from ..lstm import LSTMRule
+from ..rules import UpdateRule
 from .runs import FiniteSteps
 from .tasks import Task
 
@@ -43,7 +43,7 @@ def imitation_step(
 
     Returns the mean :func:`step_mismatch` per step and tensor. ``reduce`` (e.g. an all-reduce mean under
     ``torch.distributed``) is applied to the gradients of the net's weights before each update;
-    ``finite_steps`` takes the updates, skipping non-finite ones (a fresh :class:`~learnedopt.runs.FiniteSteps`
+    ``finite_steps`` takes the updates, skipping non-finite ones (a fresh :class:`~learnedopt.meta.runs.FiniteSteps`
     by default; ``label`` names this call in its messages).
 
     Example:

@@ -1,8 +1,8 @@
-"""The fused CPU kernel of the LSTM optimizer: built at first use, cached, optional.
+"""Building, caching and loading the C kernel of the LSTM optimizer: at first use, optional.
 
-``_lstm_kernel.c`` runs a whole in-place LSTM optimizer step (features, every layer, head, output map) per
-block of coordinates that stays in cache, ~3x faster than the torch ops on a CPU (``benchmarks/step.py``), and
-the differentiable LSTM cell's forward and backward for meta-training (``benchmarks/meta_train_cost.py``).
+``lstm_kernel.c`` runs a whole in-place LSTM optimizer step (features, every layer, head, output map) per
+block of coordinates that stays in cache, and the differentiable LSTM cell's forward and backward for
+meta-training (their speed against the torch ops: ``benchmarks/step.py``, ``benchmarks/meta_train_cost.py``).
 It is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``), for this CPU
 (``-march=native``) and with the net's sizes as constants, once per net architecture, then loaded with
 :mod:`ctypes`: no torch headers, no ninja, nothing to build at install. The library is cached under
@@ -35,9 +35,12 @@ import threading
 import warnings
 from pathlib import Path
 
-__all__ = ["KernelUnavailable", "StepArgs", "CellForward", "CellBackward", "load", "cache_dir"]
+from .._files import write_atomically
+from .abi import Build, CellBackward, CellForward, StepArgs
 
-SOURCE = Path(__file__).with_name("_lstm_kernel.c")
+__all__ = ["KernelUnavailable", "load", "cache_dir"]
+
+SOURCE = Path(__file__).with_name("lstm_kernel.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 _LIBRARIES: dict[tuple[tuple[str, int], ...], ctypes.CDLL | KernelUnavailable] = {}
 _LOCK = threading.Lock()
@@ -45,32 +48,6 @@ _LOCK = threading.Lock()
 
 class KernelUnavailable(RuntimeError):
     """The fused kernel cannot be built or loaded here (the message says why and what to do)."""
-
-
-class StepArgs(ctypes.Structure):
-    """``args_t`` of ``_lstm_kernel.c``: one tensor's pointers (addresses of contiguous tensors)."""
-
-    _fields_ = [("n", ctypes.c_int64)] + [
-        (name, ctypes.c_void_p) for name in ("grad", "h", "c", "m", "v", "update", "weights", "head", "scalars")
-    ]
-
-
-class CellForward(ctypes.Structure):
-    """``cell_forward_t``: one LSTM cell's forward on the differentiable path (contiguous float32 tensors)."""
-
-    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64), ("outputs", ctypes.c_int64)] + [
-        (name, ctypes.c_void_p) for name in ("x", "h", "c", "weights", "head", "new_h", "new_c", "raw")
-    ]
-
-
-class CellBackward(ctypes.Structure):
-    """``cell_backward_t``: that cell's backward (the output pointers may be null)."""
-
-    _fields_ = [("n", ctypes.c_int64), ("width", ctypes.c_int64), ("outputs", ctypes.c_int64)] + [
-        (name, ctypes.c_void_p)
-        for name in ("grad_h", "grad_h2", "grad_c", "head", "grad_raw", "grad_head", "x", "h", "c", "weights",
-                     "weight_rows", "grad_weight", "grad_x", "grad_h_old", "grad_c_old")
-    ]
 
 
 def cache_dir() -> Path:
@@ -193,17 +170,6 @@ def _cached(library: Path, identity: dict[str, str]) -> bytes | None:
     return data if genuine else None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(scratch, path)
-    except BaseException:
-        os.unlink(scratch)
-        raise
-
-
 def _library_path(folder: Path, identity: dict[str, str]) -> Path:
     key = _digest(json.dumps(identity, sort_keys=True).encode())[:20]
     return folder / f"lstm_step_{key}.so"
@@ -231,7 +197,7 @@ def _build(folder: Path, identity: dict[str, str]) -> bytes:
             data = Path(scratch).read_bytes()
             manifest = {"identity": identity, "library_sha256": _digest(data), "compiler": " ".join([compiler, *arch])}
             os.replace(scratch, target)
-            _write_atomically(target.with_suffix(".json"), json.dumps(manifest, indent=1).encode())
+            write_atomically(target.with_suffix(".json"), json.dumps(manifest, indent=1).encode(), private=True)
             return data
         os.unlink(scratch)
         if done is not None:
@@ -274,15 +240,14 @@ def _open(defines: tuple[tuple[str, int], ...]) -> ctypes.CDLL:
     raise AssertionError("unreachable")
 
 
-def load(**defines: int) -> ctypes.CDLL:
-    """The kernel library for these compile-time constants (``H``, ``LAYERS``, ``NK``, ``PAPER``, ``ADAM``,
-    ``OUT``, ``BF16``, ``GP``), built on first use and cached; raises :class:`KernelUnavailable` (every call, with
-    the first failure's reason) where it cannot be built.
+def load(build: Build) -> ctypes.CDLL:
+    """The kernel library for ``build``'s compile-time constants, built on first use and cached; raises
+    :class:`KernelUnavailable` (every call, with the first failure's reason) where it cannot be built.
 
     Example:
-        >>> lib = load(H=20, LAYERS=2, NK=3, PAPER=0, ADAM=1, OUT=2, BF16=0, GP=80)  # doctest: +SKIP
+        >>> lib = load(Build(hidden=20, layers=2, decays=3, paper=False, adam=True, outputs=2))  # doctest: +SKIP
     """
-    key = tuple(sorted(defines.items()))
+    key = build.defines()
     with _LOCK:
         if key not in _LIBRARIES:
             try:

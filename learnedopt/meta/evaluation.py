@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .rules import UpdateRule, adam, rmsprop, sgd
+from ..rules import UpdateRule, adam, rmsprop, sgd
 from .tasks import Task
-from .unroll import UnrollResult, unroll
+from ..unroll import UnrollResult, unroll
 
 __all__ = [
     "LR_GRID",
