@@ -8,6 +8,7 @@ in place. The math is the rule's, shared with the unroll engine.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from dataclasses import asdict
@@ -38,6 +39,11 @@ def net_identity(net: CoordinatewiseLSTM) -> dict[str, Any]:
     return {"config": asdict(net.config), "digest": payload_digest(weights)}
 
 
+def _check_weight_decay(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid weight_decay: {value!r} (expected a finite number >= 0)")
+
+
 def _local(tensor: Tensor) -> Tensor:
     """This process's shard of a ``DTensor`` (FSDP2, tensor parallelism), as a view whose in-place updates change
     the parameter; any other tensor as it is. Coordinatewise rules never need the global tensor, so their state
@@ -53,6 +59,11 @@ class RuleOptimizer(Optimizer):
     Param-group ``lr`` multiplies the rule's update, so learning-rate schedulers work. Parameters whose
     ``.grad`` is ``None`` are skipped and their state is left untouched.
 
+    ``weight_decay`` (per param group too) is decoupled weight decay as in ``torch.optim.AdamW``: before the
+    rule's update, each parameter is multiplied by ``1 - lr * decay_scale * weight_decay``. ``decay_scale`` is the
+    rule's nominal step size (e.g. the learning rate of an ``adam(lr)`` rule), so that a weight decay value means
+    what it means for AdamW at that step size.
+
     Example:
         >>> import torch, learnedopt
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -63,14 +74,20 @@ class RuleOptimizer(Optimizer):
 
     _fixed_settings: dict[str, Any] = {}  # optimizer-wide settings shown in defaults; groups may not change them
 
-    def __init__(self, params: Iterable[Any], rule: UpdateRule, lr: float = 1.0) -> None:
+    def __init__(self, params: Iterable[Any], rule: UpdateRule, lr: float = 1.0, *, weight_decay: float = 0.0,
+                 decay_scale: float = 1.0) -> None:
         check_lr(lr)
-        self.rule = rule
-        super().__init__(params, {"lr": lr, **self._fixed_settings})
+        _check_weight_decay(weight_decay)
+        if not (math.isfinite(decay_scale) and decay_scale > 0):
+            raise ValueError(f"Invalid decay_scale: {decay_scale!r} (expected a finite number > 0)")
+        self.rule, self.decay_scale = rule, decay_scale
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **self._fixed_settings})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "lr" in param_group:
             check_lr(param_group["lr"])
+        if "weight_decay" in param_group:
+            _check_weight_decay(param_group["weight_decay"])
         for key, value in self._fixed_settings.items():
             if key in param_group and param_group[key] != value:
                 raise ValueError(f"{key} is set for the whole optimizer ({value!r}), not per param group")
@@ -119,7 +136,10 @@ class RuleOptimizer(Optimizer):
                 grads = [_local(cast(Tensor, p.grad)) for p in params]
                 # inplace: self.state holds the only reference to the old state, so a rule may overwrite it
                 updates, new_state = rule.update(grads, [self.state[p] for p in params], local, inplace=True)
+                shrink = 1.0 - float(group["lr"]) * self.decay_scale * float(group["weight_decay"])
                 for p, shard, u, s in zip(params, local, updates, new_state):
+                    if shrink != 1.0:  # decoupled weight decay (AdamW), on the parameter before this step
+                        shard.mul_(shrink)
                     shard.add_(u, alpha=float(group["lr"]))
                     self.state[p].update(s)
         return loss
@@ -156,7 +176,7 @@ class RuleOptimizer(Optimizer):
         """``torch.optim`` pickles only defaults, state and groups; the rule is part of this optimizer too."""
         return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if k in self._extra_state}}
 
-    _extra_state: tuple[str, ...] = ("rule", "_fixed_settings")
+    _extra_state: tuple[str, ...] = ("rule", "decay_scale", "_fixed_settings")
 
 
 class LearnedOptimizer(RuleOptimizer):
@@ -168,9 +188,13 @@ class LearnedOptimizer(RuleOptimizer):
             ``learnedopt meta-train``, or a :class:`~learnedopt.CoordinatewiseLSTM`. ``None`` loads the packaged
             default, with no network access.
         lr: multiplies the net's output (1.0 reproduces the meta-trained behaviour); schedulers may change it.
+        weight_decay: decoupled weight decay (AdamW's), also per param group (e.g. 0 for biases and norms, as
+            timm's and Hugging Face's grouping do): each step first multiplies a parameter by
+            ``1 - lr * output_scale * weight_decay``, ``output_scale`` being the net's nominal step (1e-3 for
+            ``general-lstm``), so ``weight_decay=0.05`` decays as ``AdamW(lr=1e-3, weight_decay=0.05)`` does.
         state_dtype: dtype of the per-coordinate hidden state (default: the net's, float32).
         chunk_size: coordinates per LSTM call; all parameters of a group form one flat batch that is cut into
-            chunks of this many rows (~10-16k rows are fastest on CPUs, ~64k on GPUs).
+            chunks of this many rows (``benchmarks/step.py --chunk-size`` measures the best one for a device).
         compile: run the torch ops through :func:`torch.compile` (fused gate math; results equal within float
             rounding; the first steps pay the compilation). Where the C kernel runs (``backend``), it takes
             precedence.
@@ -214,6 +238,7 @@ class LearnedOptimizer(RuleOptimizer):
         net: str | os.PathLike[str] | CoordinatewiseLSTM | None = None,
         lr: float = 1.0,
         *,
+        weight_decay: float = 0.0,
         state_dtype: torch.dtype | None = None,
         chunk_size: int = 16384,
         compile: bool = False,
@@ -239,9 +264,9 @@ class LearnedOptimizer(RuleOptimizer):
         }
         rule = LSTMRule(net, state_dtype, chunk_size, compile, backend)
         self._rules: dict[torch.device, LSTMRule] = {net.head.weight.device: rule}
-        super().__init__(params, rule, lr)
+        super().__init__(params, rule, lr, weight_decay=weight_decay, decay_scale=net.config.output_scale)
 
-    _extra_state = ("rule", "net", "_rules", "_fixed_settings")
+    _extra_state = ("rule", "decay_scale", "net", "_rules", "_fixed_settings")
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict plus the identity of the net that made the hidden state (``"net"``)."""

@@ -50,8 +50,8 @@ def cell_elementwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     """Everything of the cell after the matmul (the one copy of the LSTM's elementwise math).
 
     Both tanh are computed as ``tanh(x) = 2 sigmoid(2x) - 1``: the cell gate's matmul rows come pre-scaled by 2
-    (:func:`lstm_cell`), so its tanh rides on the one sigmoid over all gates: on CPUs ``torch.tanh`` runs several
-    times slower than ``torch.sigmoid`` (both rates: ``benchmarks/step.py``).
+    (:func:`lstm_cell`), so its tanh rides on the one sigmoid over all gates: one pass over memory fewer, and on
+    some CPUs ``torch.tanh`` is much slower than ``torch.sigmoid`` (``benchmarks/step.py`` measures both rates).
     """
     size = c.shape[1]
     sig = torch.sigmoid(gates)  # gate order of nn.LSTMCell: input, forget, cell, output

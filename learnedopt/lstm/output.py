@@ -26,8 +26,8 @@ def bounded_adam_step(
 class BoundedAdamStep(torch.autograd.Function):
     """:func:`bounded_adam_step` as one autograd node: its backward is a few elementwise ops writing the raw
     outputs' gradient as one ``(N, 2)`` tensor, where autograd's record walks a node per op and zero-fills an
-    ``(N, 2)`` gradient for each column it selects (meta-training's default-net truncations: ~10% of the time).
-    First-order only, as :class:`_FusedCell`."""
+    ``(N, 2)`` gradient for each column it selects.
+    First-order only, as :class:`~learnedopt.lstm.cell.FusedCell`."""
 
     @staticmethod
     def forward(ctx: Any, raw: Tensor, nominal: Tensor, seen: Tensor, log_range: float, scale: float) -> Tensor:

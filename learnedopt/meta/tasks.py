@@ -76,7 +76,7 @@ class ModuleFamily:
 
     A task's copies run as one call under ``torch.func.vmap`` (``batched=None`` tries it and falls back to a
     Python loop over copies when the model cannot be vmapped; ``batched=False`` forces the loop, which can be the
-    faster one: a max-pool CNN took 0.74x the time as a loop on a CPU, results/performance.md). The final
+    faster one for some models: results/performance.md measures both). The final
     parameters are scored on a fixed subset of ``eval_examples`` examples, the same for every optimizer.
 
     Example:
