@@ -8,6 +8,13 @@ lr=1e-3, and Adam and Nesterov SGD (momentum 0.9) at the learning rate that scor
 A run is scored by its loss on a fixed evaluation set (never the last minibatch), plus test accuracy where a test
 set exists. Results are cached per (loop, optimizer, seed) in ``OUT/runs.json``, so a new net reruns only its own
 rows; ``results/drop_in.md`` and ``results/drop_in.png`` are rewritten from the cache.
+
+Time to target (issue 20): every run records the training wall-clock (evaluations excluded) at each evaluation,
+so the report gives, per loop, the whole training step's cost ratio and the time each side needs to reach the
+other's final evaluation loss: ``learned time / tuned Adam's time to the learned optimizer's final loss``
+(below 1: the learned optimizer saves time), the same with Adam's learning-rate search counted (every grid run
+on the tuning seed; the learned optimizer needs none), and the reverse target. All runs of one loop are timed in
+one process, one after another, on one thread.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from learnedopt_experiments.meta_train.reports import hardware
 TUNE_SEED = 1000
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 NAG_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
-EVAL_POINTS = 10  # evaluations on the fixed set per run (for curves and the drift check)
+EVAL_POINTS = 25  # evaluations on the fixed set per run (curves, the drift check, time to target)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -233,13 +240,15 @@ def _evaluate(model: nn.Module, data: Data, accuracy: bool = False) -> tuple[flo
 
 
 def run(loop: Loop, optimizer: str, seed: int) -> dict:
-    """One training run: eval-set losses at ``EVAL_POINTS + 1`` points, final test accuracy, time per step."""
+    """One training run: eval-set losses at ``EVAL_POINTS + 1`` points with the steps and training seconds
+    (evaluations excluded) at each, final test accuracy, time per step."""
     data = loop.data()
     torch.manual_seed(seed)
     model = loop.model()
     opt = _make_optimizer(optimizer, list(model.parameters()))
     every = max(loop.steps // EVAL_POINTS, 1)
     curve = [_evaluate(model, data)[0]]
+    steps, seconds = [0], [0.0]
     elapsed = 0.0  # training time only, without the evaluations
     for step in range(loop.steps):
         x, y = data.batch(seed, step)
@@ -250,10 +259,27 @@ def run(loop: Loop, optimizer: str, seed: int) -> dict:
         elapsed += time.perf_counter() - started
         if (step + 1) % every == 0 or step + 1 == loop.steps:
             curve.append(_evaluate(model, data)[0])
+            steps.append(step + 1)
+            seconds.append(elapsed)
             if not math.isfinite(curve[-1]):
                 break
     final, accuracy = _evaluate(model, data, accuracy=True)
-    return {"curve": curve, "final": final, "accuracy": accuracy, "seconds_per_step": elapsed / loop.steps}
+    return {"curve": curve, "steps": steps, "seconds": seconds, "final": final, "accuracy": accuracy,
+            "seconds_per_step": elapsed / loop.steps}
+
+
+def time_to(run: dict, target: float, key: str = "seconds") -> float | None:
+    """When ``run``'s eval-set loss first reaches ``target``: ``key`` ("seconds" or "steps") interpolated
+    linearly between the two evaluations around the crossing; ``None`` if it never does."""
+    curve, marks = run["curve"], run[key]
+    if curve[0] <= target:
+        return float(marks[0])
+    for i in range(1, len(curve)):
+        if curve[i] <= target:
+            before, after = curve[i - 1], curve[i]
+            share = (before - target) / (before - after) if before > after else 1.0
+            return marks[i - 1] + share * (marks[i] - marks[i - 1])
+    return None
 
 
 class Cache:
@@ -271,7 +297,7 @@ class Cache:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, loop: Loop, optimizer: str, seed: int) -> dict:
-        key = f"{loop.name}|{loop.steps}|{optimizer}|{seed}"
+        key = f"{loop.name}|{loop.steps}|{optimizer}|{seed}|e{EVAL_POINTS}"
         if key not in self.runs:
             result = run(loop, optimizer, seed)
             self.runs = {**self._read(), **self.runs, key: result}
@@ -299,7 +325,8 @@ def benchmark(loops: list[Loop], nets: list[str], seeds: list[int], cache: Cache
         optimizers = {f"Adam 1e-3": "adam:0.001", "Adam tuned": f"adam:{adam_lr:g}", "NAG tuned": f"nag:{nag_lr:g}"}
         optimizers.update({net: f"net:{net}" for net in nets})
         results = {label: [cache.get(loop, opt, s) for s in seeds] for label, opt in optimizers.items()}
-        rows.append({"loop": loop, "adam_lr": adam_lr, "nag_lr": nag_lr, "results": results})
+        search = [cache.get(loop, f"adam:{lr:g}", TUNE_SEED) for lr in ADAM_GRID]
+        rows.append({"loop": loop, "adam_lr": adam_lr, "nag_lr": nag_lr, "results": results, "search": search})
     return rows
 
 
@@ -356,6 +383,7 @@ def report(rows: list[dict], nets: list[str], seeds: list[int], command: str) ->
                 f"| {s['drift']:.2f} | {acc} | {s['ms']:.1f} ({adam['ms']:.1f}) |"
             )
         lines.append("")
+    lines += time_to_target_section(rows, nets)
     lines += [
         "## Baselines",
         "",
@@ -370,6 +398,51 @@ def report(rows: list[dict], nets: list[str], seeds: list[int], command: str) ->
             f"| {s['Adam tuned']['final']:.4g} ({r['adam_lr']:g}) | {s['NAG tuned']['final']:.4g} ({r['nag_lr']:g}) | {acc} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def time_to_target(row: dict, net: str, cache_search: list[dict]) -> dict:
+    """Per-seed medians of the time-to-target figures of one loop (see the module docstring)."""
+    learned, adam = row["results"][net], row["results"]["Adam tuned"]
+    search = sum(r["seconds"][-1] for r in cache_search)  # Adam's grid, each run in full, on the tuning seed
+    ratios, with_search, reverse, adam_steps, step_cost = [], [], [], [], []
+    for lrn, ada in zip(learned, adam):
+        step_cost.append(lrn["seconds_per_step"] / ada["seconds_per_step"])
+        reached = time_to(ada, lrn["final"])
+        ratios.append(lrn["seconds"][-1] / reached if reached else 0.0)  # 0: Adam never gets there
+        with_search.append(lrn["seconds"][-1] / (search + (reached or ada["seconds"][-1])))
+        adam_steps.append(time_to(ada, lrn["final"], "steps"))
+        back = time_to(lrn, ada["final"])
+        reverse.append(back / ada["seconds"][-1] if back is not None else math.inf)
+    return {"step_cost": _median(step_cost), "ratio": _median(ratios), "with_search": _median(with_search),
+            "reverse": _median(reverse),
+            "adam_steps": None if any(a is None for a in adam_steps) else _median([a for a in adam_steps if a])}
+
+
+def time_to_target_section(rows: list[dict], nets: list[str]) -> list[str]:
+    lines: list[str] = []
+    for net in nets:
+        figures = [(r, time_to_target(r, net, r["search"])) for r in rows]
+        ratios = [f["ratio"] for _, f in figures]
+        searched = [f["with_search"] for _, f in figures]
+        lines += [
+            f"## Time to target: `{net}` against tuned Adam",
+            "",
+            f"- median over loops of learned time / tuned Adam's time to the learned optimizer's final loss: "
+            f"**{_median(ratios):.2f}** (target <= 1.0); with Adam's learning-rate search counted: "
+            f"**{_median(searched):.2f}** (target <= 0.3)",
+            "",
+            "| loop | whole step, learned / Adam | tuned Adam reaches the learned final loss at step | learned time / "
+            "Adam's time to it | with Adam's search | learned time to Adam's final loss / Adam's run |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r, f in figures:
+            steps = "never" if f["adam_steps"] is None else f"{f['adam_steps']:.0f}"
+            ratio = "— (Adam never gets there)" if f["ratio"] == 0 else f"{f['ratio']:.2f}"
+            reverse = "never" if math.isinf(f["reverse"]) else f"{f['reverse']:.2f}"
+            lines.append(f"| {r['loop'].name} | {f['step_cost']:.1f}x | {steps} | {ratio} | {f['with_search']:.2f} "
+                         f"| {reverse} |")
+        lines.append("")
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:

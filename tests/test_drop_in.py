@@ -18,8 +18,21 @@ def test_drop_in_benchmark_writes_a_report_and_reuses_cached_runs(tmp_path):
     assert "| regression-mlp | 4 |" in report and "| lstm-copy | 4 |" in report and "tuned Adam" in report
     assert (tmp_path / "drop_in.png").stat().st_size > 0
     runs = json.loads((tmp_path / "cache" / "runs.json").read_text())
-    tuning = [k for k in runs if k.endswith("|1000")]
+    tuning = [k for k in runs if k.split("|")[3] == "1000"]
     assert len(tuning) == 2 * (6 + 7)  # Adam's and NAG's grids on the tuning seed, for both loops
-    assert {k.split("|")[2] for k in runs if k.endswith("|0")} >= {"adam:0.001", "net:general-lstm"}
+    assert {k.split("|")[2] for k in runs if k.split("|")[3] == "0"} >= {"adam:0.001", "net:general-lstm"}
+    assert "## Time to target: `general-lstm` against tuned Adam" in report
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and json.loads((tmp_path / "cache" / "runs.json").read_text()) == runs
+
+
+def test_time_to_target_interpolates_between_evaluations():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from drop_in import time_to
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    run = {"curve": [4.0, 2.0, 1.0, 1.5], "steps": [0, 10, 20, 30], "seconds": [0.0, 1.0, 2.0, 3.0]}
+    assert time_to(run, 1.5) == 1.5 and time_to(run, 1.5, "steps") == 15.0
+    assert time_to(run, 5.0) == 0.0 and time_to(run, 2.0) == 1.0
+    assert time_to(run, 0.5) is None  # never reached
