@@ -1,28 +1,19 @@
 #!/usr/bin/env bash
-# What one lent GPU session ran (see results/gpu.md): CUDA correctness of the optimizer, the step benchmark on
-# CUDA, and MNIST meta-training runs side by side on one GPU. Usage: bash benchmarks/gpu_session.sh OUTDIR DATA
-# (DATA holds MNIST/raw/). Each run's net.pt comes back as OUTDIR/<run>_net.pt, with its held-out history inside.
+# Every measurement only a GPU gives, in one run of under 8 minutes (issue 19): the Triton step's correctness on
+# CUDA, the step alone at 1M / 10M / 100M parameters against its FLOP and memory floors measured in the same run,
+# a GPT-2-small-like decoder's whole training step with LearnedOptimizer against AdamW(fused=True), and
+# meta-training throughput. Usage: bash benchmarks/gpu_session.sh OUTDIR   (then copy OUTDIR/*.txt into
+# results/gpu.md with the device named; gpu.txt names it).
 set -uo pipefail
-out=${1:?output folder}; data=${2:?data root}; budget=${BUDGET:-360}
+out=${1:?output folder}
+mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" >> "$out/gpu.txt"
-[ -n "${CONTINUE_FROM:-}" ] || { python3 -m pytest -q -p no:cacheprovider tests/test_optimizer.py 2>&1 | tail -5
-  python3 benchmarks/step.py --device cuda --chunk-size 65536; } > "$out/cuda.txt" 2>&1
-train() {  # name, then meta-train arguments
-  local name=$1; shift
-  python3 -m learnedopt_cli meta-train --out "/tmp/runs/$name" --device cuda --data-dir "$data" --no-progress \
-    --time-budget "$budget" --eval-every 40 --checkpoint-every 40 --iterations 100000 "$@" > "/tmp/runs/$name.log" 2>&1
-  cp "/tmp/runs/$name/net.pt" "$out/${name}_net.pt"
-}
-mkdir -p /tmp/runs
-if [ -n "${CONTINUE_FROM:-}" ]; then  # second session: continue the first session's nets (results/gpu.md)
-  train mlp_sum2 --task mnist-mlp --objective sum --meta-batch 32 --init-net "$CONTINUE_FROM/mlp_sum_net.pt" &
-  train mix_sum2 --task mnist-mix --objective sum --meta-batch 16 --init-net "$CONTINUE_FROM/mlp_sum_net.pt" &
-else
-  train mlp_sum --task mnist-mlp --objective sum --meta-batch 32 &
-  train all_sum --task mnist-all --objective sum --meta-batch 32 &
-  train all_log200 --task mnist-all --objective log --meta-batch 32 --horizon 200 &  # ran out of GPU memory
-fi
-wait
-tail -n 3 /tmp/runs/*.log > "$out/train_logs.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} > "$out/gpu.txt" 2>&1
+timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_triton_step.py -k cuda > "$out/correctness.txt" 2>&1
+timeout 150 python3 benchmarks/step.py --device cuda --sizes 1000000 10000000 100000000 --chunk-size 65536 \
+  --state-dtype bfloat16 --repeats 5 > "$out/step.txt" 2>&1
+timeout 150 python3 benchmarks/transformer_step.py --device cuda > "$out/transformer.txt" 2>&1
+timeout 60 python3 benchmarks/meta_train_cost.py --device cuda --repeats 2 --parts trainer > "$out/meta_train.txt" 2>&1
+tail -n 5 "$out"/*.txt

@@ -74,7 +74,10 @@ def test_a_task_that_is_always_nan_stops_the_run_naming_the_iteration(tmp_path, 
 def _spawn(out: Path, *flags: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "learnedopt_cli", "--threads", "1", "meta-train", "--out", str(out), *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background (nohup, `&`) ignores it, the
+    # child would inherit that, and Python turns SIGINT into KeyboardInterrupt only where it is not ignored
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_until_training(out: Path, process: subprocess.Popen, extra: float) -> None:

@@ -7,7 +7,8 @@ The torch ops of this package are the one reference definition of the math; on C
 
 Modules, in dependency order: :mod:`.config` (the architecture), :mod:`.features` (inputs), :mod:`.output`
 (the bounded output map), :mod:`.cell` (one cell in torch ops), :mod:`.kernel_ops` (the C-kernel step and
-autograd node), :mod:`.net` (the module), :mod:`.chunks` (the flat batch), :mod:`.rule` (the update rule).
+autograd node), :mod:`.triton_step` (the step as one Triton kernel on GPUs), :mod:`.net` (the module),
+:mod:`.chunks` (the flat batch), :mod:`.rule` (the update rule).
 
 Two input sets and two output maps are selectable in :class:`LSTMConfig` and saved with every net:
 

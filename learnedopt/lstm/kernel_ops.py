@@ -144,7 +144,7 @@ class KernelStep:
         ):
             reason = "it needs a contiguous float32 or bfloat16 hidden state and float32 moments"
         if reason is None:
-            _check_state_sizes(self.net, grads, state)
+            check_state_sizes(self.net, grads, state)
             try:
                 return {dtype: _kernel.load(self._build(dtype)) for dtype in {s["h"].dtype for s in state}}
             except _kernel.KernelUnavailable as err:
@@ -205,7 +205,7 @@ class KernelStep:
         )
 
 
-def _check_state_sizes(net: CoordinatewiseLSTM, grads: Sequence[Tensor], state: RuleState) -> None:
+def check_state_sizes(net: CoordinatewiseLSTM, grads: Sequence[Tensor], state: RuleState) -> None:
     """The kernel writes every state tensor in full: one that does not fit its gradient (a state loaded from
     another model or another sharding) is an error here, never memory written out of bounds."""
     for g, s in zip(grads, state):

@@ -14,6 +14,7 @@ from .config import check_backend
 from .features import largest_gradient, moment_features, preprocess_gradient
 from .kernel_ops import KernelStep
 from .net import CoordinatewiseLSTM
+from .triton_step import TritonStep
 
 __all__ = ["LSTMRule"]
 
@@ -28,11 +29,11 @@ class LSTMRule:
     and the update is returned in each parameter's dtype. Nets with running moments (``config.uses_moments``)
     keep them, and a step count, in the net's dtype: ``"m"`` ``(K, N)``, ``"v"`` ``(N,)``, ``"step"``.
 
-    ``backend`` is where the math runs (:data:`~learnedopt.lstm.BACKENDS`). ``"auto"`` (default): the C kernel
-    wherever it applies and builds — a step without autograd (the optimizer's in-place step, evaluation unrolls
-    under ``torch.no_grad``) on CPU tensors with a float32 net and a float32 or bfloat16 state runs as one kernel
-    call per tensor, and under autograd all LSTM layers of a step on float32 CPU tensors run as one kernel node —
-    torch ops elsewhere, differentiated by hand-written backward nodes. ``"kernel"``: the step without autograd
+    ``backend`` is where the math runs (:data:`~learnedopt.lstm.BACKENDS`). ``"auto"`` (default): a fused kernel
+    wherever one applies — a step without autograd (the optimizer's in-place step, evaluation unrolls under
+    ``torch.no_grad``) with a float32 net and a float32 or bfloat16 state runs as one kernel call per tensor (C on
+    CPUs, Triton on CUDA), and under autograd all LSTM layers of a step on float32 CPU tensors run as one C-kernel
+    node — torch ops elsewhere, differentiated by hand-written backward nodes. ``"kernel"``: the step without autograd
     requires the kernel (an error says why it cannot run). ``"torch"``: torch ops only. ``"reference"``: torch
     ops as autograd records them op by op, the reference every other backend equals within float rounding
     (``tests/test_kernel.py``, ``tests/test_lstm.py``). A step traced by :func:`torch.compile` runs the torch ops.
@@ -106,12 +107,11 @@ class LSTMRule:
         # under torch.compile the torch ops are what gets traced: an opaque C call would break the graph
         if (not torch.is_grad_enabled() and self.backend in ("auto", "kernel")
                 and not torch.compiler.is_compiling()):
-            kernel = KernelStep(self.net)
-            libraries = kernel.libraries(grads, state, required=self.backend == "kernel")
-            if libraries is not None:
+            fused = self._fused_step(grads, state)
+            if fused is not None:
                 if not inplace:  # pure: the kernel updates copies (one pass over the state, still far cheaper)
                     state = [{k: v.clone() if k in ("h", "c", "m", "v") else v for k, v in s.items()} for s in state]
-                return kernel(libraries, grads, state, params)
+                return fused(grads, state, params)
         config = self.net.config
         features, finite, nominals, seens, moments = _inputs(self.net, grads, state, self.compute_dtype)
         hs, cs = [s["h"] for s in state], [s["c"] for s in state]
@@ -133,6 +133,24 @@ class LSTMRule:
             new = {"h": new_hs[i], "c": new_cs[i], "nonfinite": s["nonfinite"] + skipped}
             new_state.append({**new, **(moments[i] if config.uses_moments else {})})
         return updates, new_state
+
+    def _fused_step(
+        self, grads: Sequence[Tensor], state: RuleState
+    ) -> Callable[..., tuple[list[Tensor], RuleState]] | None:
+        """The whole in-place step as one kernel per tensor: C on CPUs (:class:`KernelStep`), Triton on CUDA
+        (:class:`~learnedopt.lstm.triton_step.TritonStep`); ``None`` where neither runs (``backend="kernel"``
+        raises instead, saying why)."""
+        required = self.backend == "kernel"
+        if grads and grads[0].device.type == "cuda":
+            triton = TritonStep(self.net)
+            reason = triton.why_not(grads, state)
+            if reason is not None and required:
+                raise RuntimeError(f"backend='kernel' was asked for, but the Triton step cannot run: {reason}; use "
+                                   "backend='auto' to fall back to torch ops")
+            return triton if reason is None else None
+        kernel = KernelStep(self.net)
+        libraries = kernel.libraries(grads, state, required)
+        return None if libraries is None else partial(kernel, libraries)
 
     def _step_function(self, rows: int) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
         """The net's step for a chunk of ``rows``, compiled for full chunks when asked (one static shape: no
