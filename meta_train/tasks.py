@@ -19,6 +19,7 @@ from torch import Tensor
 from learnedopt.meta.tasks import Mixture, Params, TaskFamily
 
 from .mnist import MNIST_VARIANTS, MNISTFamily
+from .sequences import SEQUENCE_FAMILIES, resnet_family, sequence_family
 
 __all__ = ["QuadraticTask", "QuadraticFamily", "FAMILIES", "GENERAL_MNIST", "get_family", "family_from_path"]
 
@@ -93,12 +94,23 @@ def _general(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
     return Mixture([MNISTFamily(v, data_dir, device=device) for v in GENERAL_MNIST], name="general")
 
 
+def _general_seq(data_dir: str | None = None, device: str = "cpu") -> TaskFamily:
+    """``general`` plus what it lacks (issue 20): sequence models and a residual conv net with BatchNorm."""
+    members: list[TaskFamily] = [MNISTFamily(v, data_dir, device=device) for v in GENERAL_MNIST]
+    members += [sequence_family(name, device) for name in SEQUENCE_FAMILIES]
+    members.append(resnet_family(data_dir, device))
+    return Mixture(members, name="general-seq")
+
+
 FAMILIES: dict[str, Callable[..., TaskFamily]] = {
     "quadratic": lambda data_dir=None, device="cpu": QuadraticFamily(device=device),  # no data needed
     **{v: _mnist_family((v,), v) for v in MNIST_VARIANTS},
     "mnist-mix": _mnist_family(("mnist-mlp", "mnist-mlp-relu"), "mnist-mix"),  # sigmoid and ReLU MLPs
     "mnist-all": _mnist_family(tuple(MNIST_VARIANTS), "mnist-all"),  # every variant of the study
     "general": _general,
+    **{name: (lambda data_dir=None, device="cpu", name=name: sequence_family(name, device)) for name in SEQUENCE_FAMILIES},
+    "mnist-resnet-bn": resnet_family,
+    "general-seq": _general_seq,
 }
 
 

@@ -236,3 +236,25 @@ def test_benchmark_command_takes_a_family_by_import_path_too(tmp_path, user_modu
     assert main(["--threads", "1", *args]) == 0
     table = (tmp_path / "bench" / "mine.md").read_text()
     assert "Adam" in table and learnedopt.DEFAULT_NET in table
+
+
+@pytest.mark.parametrize("name", ["seq-transformer", "seq-lstm", "mnist-resnet-bn"])
+def test_the_broader_families_train_with_adam(name):
+    """Issue 20's sequence models and residual BatchNorm net: tasks build, and 30 Adam steps lower the loss."""
+    from learnedopt import adam, unroll
+    from learnedopt_experiments.meta_train.tasks import get_family
+
+    family = get_family(name)
+    task = family.sample(2, torch.Generator().manual_seed(0))
+    params = task.init_params(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = unroll(task.loss, params, adam(3e-3), None, 30, task.batch)
+    before, after = task.loss(params, task.batch(0)), task.loss(out.params, task.batch(0))
+    assert before.shape == (2,) and torch.isfinite(after).all() and (after < before).all()
+
+
+def test_general_seq_adds_sequences_and_a_residual_net_to_general():
+    from learnedopt_experiments.meta_train.tasks import GENERAL_MNIST, get_family
+
+    names = [f.name for f in get_family("general-seq").components()]
+    assert names == [*GENERAL_MNIST, "seq-transformer", "seq-lstm", "mnist-resnet-bn"]
