@@ -2,7 +2,7 @@
 
     python benchmarks/step.py [--sizes 10000 100000 1000000 10000000] [--threads 1] [--device cpu]
                               [--compile] [--state-dtype bfloat16] [--chunk-size 16384] [--repeats 3]
-                              [--archs paper general]
+                              [--archs paper general] [--nets general-lstm runs/x/net.pt ...]
 
 ``--archs`` picks the nets' architectures (the step's cost does not depend on the weights): ``paper`` is the
 paper's LSTM (log/sign inputs, linear head); ``general`` the default net's (normalized multi-timescale inputs,
@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Callable
 
 import torch
 
-from learnedopt import CoordinatewiseLSTM, LearnedOptimizer
+from learnedopt import CoordinatewiseLSTM, LearnedOptimizer, load_net
 
 
 def lstm_flops_per_coordinate(net: CoordinatewiseLSTM) -> int:
@@ -135,12 +136,17 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="LearnedOptimizer(compile=True)")
     parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=["paper", "general"])
+    parser.add_argument("--nets", nargs="+", default=[],
+                        help="also (or, with --archs none given, only) these nets: packaged names or net.pt files")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for arch in args.archs:
-        print(f"\n### {arch}")
-        _table(ARCHS[arch]().to(args.device), args)
+    nets = {arch: ARCHS[arch]() for arch in args.archs} if not args.nets or "--archs" in sys.argv else {}
+    nets.update({name: load_net(name) for name in args.nets})
+    for name, net in nets.items():
+        c = net.config
+        print(f"\n### {name} (hidden {c.hidden_size} x {c.num_layers} layers, inputs {c.inputs}, output {c.output})")
+        _table(net.to(args.device), args)
 
 
 ARCHS: dict[str, Callable[[], CoordinatewiseLSTM]] = {
