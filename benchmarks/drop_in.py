@@ -3,7 +3,9 @@
     python benchmarks/drop_in.py [--nets general-lstm mnist-lstm] [--seeds 3] [--out results/drop_in]
 
 Every loop is a plain ``model / loss.backward() / opt.step()`` loop over a model the nets were not meta-trained
-on, run for 500-2000 steps. Each optimizer sees the same initializations and minibatches. Baselines: Adam at
+on, run for 300-10,000 steps: MNIST MLPs (one of 1.9M parameters), CNNs (one with BatchNorm and residual blocks),
+sequence models (a transformer and an LSTM on a copy task, a GRU on real text), regression, and deterministic
+full-batch problems (Rosenbrock, matrix factorization). Each optimizer sees the same initializations and minibatches. Baselines: Adam at
 lr=1e-3, and Adam and Nesterov SGD (momentum 0.9) at the learning rate that scores best on a separate tuning seed.
 A run is scored by its loss on a fixed evaluation set (never the last minibatch), plus test accuracy where a test
 set exists. Results are cached per (loop, optimizer, seed) in ``OUT/runs.json``, so a new net reruns only its own
@@ -69,17 +71,18 @@ class Loop:
 _MNIST: dict[str, Data] = {}
 
 
-def _mnist(flat: bool, target: str = "label") -> Callable[[], Data]:
-    """MNIST minibatches of 128; evaluation on a fixed 10k subset of the training set, accuracy on the test set."""
+def _mnist(flat: bool, target: str = "label", eval_size: int = 10_000) -> Callable[[], Data]:
+    """MNIST minibatches of 128; evaluation on a fixed subset of the training set (10k images unless the model is
+    slow to evaluate), accuracy on the test set."""
 
     def build() -> Data:
-        key = f"{flat}-{target}"
+        key = f"{flat}-{target}-{eval_size}"
         if key not in _MNIST:
             mnist = load_mnist()
             images, test = mnist.train_images, mnist.test_images
             if flat:
                 images, test = images.flatten(1), test.flatten(1)
-            fixed = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:10_000]
+            fixed = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:eval_size]
 
             def pairs(x: Tensor, y: Tensor) -> Batch:
                 return (x, x) if target == "image" else (x, y)
@@ -134,6 +137,58 @@ def _regression() -> Data:
         return sample(torch.Generator().manual_seed(seed * 1_000_003 + step), 64)
 
     return Data(batch, sample(torch.Generator().manual_seed(54321), 4096), None, nn.functional.mse_loss)
+
+
+def _char_text() -> Data:
+    """A character-level language model of real text: the source of Python's standard library modules (always
+    on the machine), bytes as tokens; windows of 64 characters, 1 MB of training text, a fixed held-out tail."""
+    import argparse as _a
+    import inspect as _i
+    import textwrap as _t
+
+    text = "".join(Path(m.__file__).read_text() for m in (_a, _i, _t, json, statistics)).encode()
+    tokens = torch.tensor(list(text), dtype=torch.long) % 128
+    split = int(0.9 * len(tokens))
+    train, held = tokens[:split], tokens[split:]
+
+    def windows(source: Tensor, starts: Tensor) -> Batch:
+        index = starts[:, None] + torch.arange(65)
+        chunk = source[index]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def batch(seed: int, step: int) -> Batch:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return windows(train, torch.randint(0, len(train) - 65, (32,), generator=g))
+
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    eval_starts = torch.arange(0, len(held) - 65, 65)[:256]
+    return Data(batch, windows(held, eval_starts), None, loss)
+
+
+def _full_batch(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[], Data]:
+    """A deterministic full-batch objective: the "data" is a constant, the loss a function of the model's output."""
+
+    def build() -> Data:
+        dummy = (torch.zeros(1), torch.zeros(1))
+        return Data(lambda seed, step: dummy, dummy, None, loss_fn)
+
+    return build
+
+
+def _rosenbrock(theta: Tensor, _: Tensor) -> Tensor:
+    """The 10-d Rosenbrock function (minimum 0 at all ones), a classic optimizer test."""
+    return (100 * (theta[1:] - theta[:-1] ** 2) ** 2 + (1 - theta[:-1]) ** 2).sum()
+
+
+_FACTORIZATION = torch.randn(40, 5, generator=torch.Generator().manual_seed(11)) @ torch.randn(
+    5, 30, generator=torch.Generator().manual_seed(12))
+
+
+def _factorization_loss(product: Tensor, _: Tensor) -> Tensor:
+    """Full-batch rank-5 matrix factorization of a fixed 40x30 matrix (minimum 0)."""
+    return ((product - _FACTORIZATION) ** 2).mean()
 
 
 # -- models ------------------------------------------------------------------------------------------------------
@@ -196,6 +251,55 @@ class _Autoencoder(nn.Module):
         return self.body(x)
 
 
+class _Point(nn.Module):
+    """The parameters are the point itself (a fixed start, as the test functions prescribe)."""
+
+    def __init__(self, start: Tensor) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(start.clone())
+
+    def forward(self, _: Tensor) -> Tensor:
+        return self.theta
+
+
+class _Factors(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(40, 5) * 0.1)
+        self.v = nn.Parameter(torch.randn(5, 30) * 0.1)
+
+    def forward(self, _: Tensor) -> Tensor:
+        return self.u @ self.v
+
+
+class _CharGRU(nn.Module):
+    def __init__(self, vocab: int = 128, width: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.gru = nn.GRU(width, width, batch_first=True)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(self.gru(self.embed(tokens))[0])
+
+
+def _residual_bn_cnn() -> nn.Module:
+    """At 14x14 (average-pooled MNIST): a Conv-BN-ReLU stem and two residual blocks with BatchNorm (16 channels),
+    global pooling, a linear classifier."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.relu(x + self.body(x))
+
+    return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), Block(),
+                         nn.MaxPool2d(2), Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
 LOOPS = [
     Loop("mlp-relu-2x", 1000, _mlp([784, 128, 64, 10], nn.ReLU), _mnist(True),
          "MNIST MLP, ReLU 128-64 (110k parameters)"),
@@ -210,6 +314,17 @@ LOOPS = [
     Loop("regression-mlp", 1000, _mlp([16, 64, 64, 1], nn.ReLU), _regression, "ReLU MLP regression, synthetic"),
     Loop("mlp-sigmoid-20", 2000, _mlp([784, 20, 10], nn.Sigmoid), _mnist(True),
          "the paper's MNIST MLP at 20x its horizon (its family was meta-trained on)"),
+    Loop("cnn-bn-residual", 500, _residual_bn_cnn, _mnist(False, eval_size=2000),
+         "MNIST CNN, 2 residual blocks with BatchNorm (scored on 2k images)"),
+    Loop("mlp-wide-1.9m", 300, _mlp([784, 1024, 1024, 10], nn.ReLU), _mnist(True),
+         "MNIST MLP, ReLU 1024-1024 (1.9M parameters)"),
+    Loop("gru-char-text", 500, _CharGRU, _char_text, "GRU character language model of real text (Python sources)"),
+    Loop("rosenbrock-10d", 1000, lambda: _Point(torch.full((10,), -1.0)), _full_batch(_rosenbrock),
+         "the 10-d Rosenbrock function from (-1, ..., -1), full batch"),
+    Loop("matrix-factorization", 1000, _Factors, _full_batch(_factorization_loss),
+         "rank-5 factorization of a fixed 40x30 matrix, full batch"),
+    Loop("mlp-relu-10k", 10_000, _mlp([784, 128, 64, 10], nn.ReLU), _mnist(True),
+         "the ReLU MLP for 10,000 steps (drift far past any training horizon)"),
 ]
 
 
@@ -351,7 +466,8 @@ def report(rows: list[dict], nets: list[str], seeds: list[int], command: str) ->
         f"Command: `{command}`  ",
         f"Hardware: {hardware()}  ",
         f"Seeds: {seeds} (reported); learning rates tuned on seed {TUNE_SEED} over Adam {ADAM_GRID} and "
-        f"NAG {NAG_GRID}. Loss: final loss on a fixed evaluation set (10k training images for MNIST, 2048-4096 "
+        f"NAG {NAG_GRID}. Loss: final loss on a fixed evaluation set (10k training images for MNIST, 2k for the "
+        "residual CNN, 256 held-out windows of the text, the objective itself for full-batch problems, 2048-4096 "
         "held-out samples for synthetic data), median over seeds; accuracy: MNIST test set.",
         "",
     ]
