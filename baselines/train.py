@@ -1,6 +1,6 @@
 """Training and evaluation runs for MAML and ProtoNet: checkpoints, resume, TensorBoard, progress bars, seeds.
 
-``learnedopt maml train|eval`` and ``learnedopt protonet train|eval`` call :func:`train` and :func:`evaluate`.
+``learnedopt maml|protonet|matching train|eval`` call :func:`train` and :func:`evaluate`.
 A checkpoint records the algorithm, dataset, N-way and architecture; evaluating or resuming it with other
 settings fails with a message that says which.
 """
@@ -21,26 +21,33 @@ from learnedopt.pretrained import atomic_save, load_file
 
 from .episodes import Episode, EpisodeSampler, sample_sinusoids
 from .maml import adapt, maml_step, query_accuracy
+from .matching import MatchingNetwork
 from .models import conv4, sinusoid_mlp
 from .omniglot import load_omniglot
-from .protonet import episode_accuracy, episode_loss
+from . import matching, protonet
 
 __all__ = ["FewShotConfig", "train", "evaluate", "load_checkpoint"]
 
 PAPER_NET = "mnist-lstm"
-_MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided", "inner_rule")
+_MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided", "inner_rule", "fce")
+ALGORITHMS = ("maml", "protonet", "matching")
+# the episode methods with no inner loop: their training loss and test accuracy on one episode
+_EPISODIC = {"protonet": (protonet.episode_loss, protonet.episode_accuracy),
+             "matching": (matching.episode_loss, matching.episode_accuracy)}
 
 
 def _field(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
-# per-algorithm defaults, the papers' (Finn et al. 2017 for MAML, Snell et al. 2017 for ProtoNet); a field left at
-# its "unset" value (0 or None) takes them
+# per-algorithm defaults, the papers' (Finn et al. 2017 for MAML, Snell et al. 2017 for ProtoNet, Vinyals et al.
+# 2016 for matching networks: training episodes of the test's N-way); a field left at its "unset" value takes them
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "maml": {"ways": 5, "iterations": 60000, "meta_batch": 32, "inner_steps": 1, "strided": True, "lr_halving": 0},
     "protonet": {"ways": 60, "iterations": 20000, "meta_batch": 1, "inner_steps": 0, "strided": False,
                  "lr_halving": 2000, "queries": 5, "inner_lr": 0.0},
+    "matching": {"ways": 5, "iterations": 20000, "meta_batch": 1, "inner_steps": 0, "strided": False,
+                 "lr_halving": 0, "queries": 5, "inner_lr": 0.0},
 }
 
 
@@ -56,12 +63,12 @@ class FewShotConfig:
         (60, 0.01)
     """
 
-    algorithm: str = "maml"  # "maml" or "protonet" (the command, not a flag)
+    algorithm: str = "maml"  # "maml", "protonet" or "matching" (the command, not a flag)
     dataset: str = _field("omniglot", "MAML's dataset", choices=("omniglot", "sinusoid"), maml=True)
-    ways: int = _field(0, "classes per training episode (0: 5 for MAML, 60 for ProtoNet; 1 for sinusoids)")
+    ways: int = _field(0, "classes per training episode (0: 60 for ProtoNet, else 5; 1 for sinusoids)")
     shots: int = _field(1, "labelled examples per class")
-    queries: int = _field(0, "query examples per class in training episodes (0: shots for MAML, 5 for ProtoNet)")
-    iterations: int = _field(0, "meta-iterations (0: 60000 for MAML, 20000 for ProtoNet)")
+    queries: int = _field(0, "query examples per class in training episodes (0: shots for MAML, else 5)")
+    iterations: int = _field(0, "meta-iterations (0: 60000 for MAML, else 20000)")
     meta_batch: int = _field(0, "episodes per meta-update (0: 32)", maml=True)
     meta_lr: float = _field(1e-3, "Adam learning rate of the meta-optimizer")
     inner_steps: int = _field(-1, "inner SGD steps (-1: 1; 0: joint training, the 'pretrained' baseline of the MAML "
@@ -71,6 +78,9 @@ class FewShotConfig:
                              "meta-trained jointly with the initialization", choices=("sgd", "lstm"), maml=True)
     first_order: bool = _field(False, "first-order MAML (no second derivatives)", maml=True)
     channels: int = _field(64, "Conv-4 channels")
+    fce: bool = _field(False, "matching networks: full-context embeddings (a bidirectional LSTM over the support "
+                       "set, an attention LSTM for queries)", matching=True)
+    processing_steps: int = _field(5, "matching networks with FCE: the attention LSTM's reading steps", matching=True)
     strided: bool | None = None  # Conv-4 with stride-2 convolutions (MAML's) instead of max-pooling (ProtoNet's)
     lr_halving: int = -1  # halve the meta learning rate every N iterations (0: never; -1: the algorithm's)
     eval_every: int = _field(500, "validation period (iterations)")
@@ -80,25 +90,30 @@ class FewShotConfig:
     data_dir: str | None = _field(None, "data root (default: $LEARNEDOPT_DATA, ../shared/data, cache)")
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("maml", "protonet"):
-            raise ValueError(f"algorithm must be 'maml' or 'protonet', got {self.algorithm!r}")
-        if self.dataset not in ("omniglot", "sinusoid") or (self.algorithm == "protonet" and self.dataset != "omniglot"):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        maml = self.algorithm == "maml"
+        if self.dataset not in ("omniglot", "sinusoid") or (not maml and self.dataset != "omniglot"):
             raise ValueError(f"dataset {self.dataset!r} is not available for {self.algorithm}")
-        if self.inner_rule not in ("sgd", "lstm") or (self.algorithm == "protonet" and self.inner_rule != "sgd"):
+        if self.inner_rule not in ("sgd", "lstm") or (not maml and self.inner_rule != "sgd"):
             raise ValueError(f"inner rule {self.inner_rule!r} is not available for {self.algorithm}")
+        if self.fce and self.algorithm != "matching":
+            raise ValueError("fce (full-context embeddings) is a matching-network option")
         defaults = {"queries": self.shots, "inner_lr": 0.01 if self.dataset == "sinusoid" else 0.4,
                     **_DEFAULTS[self.algorithm], **({"ways": 1} if self.dataset == "sinusoid" else {})}
         for name, value in defaults.items():
             if getattr(self, name) == {"inner_steps": -1, "strided": None, "lr_halving": -1}.get(name, 0):
                 setattr(self, name, value)
-        if self.algorithm == "protonet" and (self.inner_steps or self.meta_batch != 1 or self.first_order):
-            raise ValueError("ProtoNet has no inner loop and one episode per step: inner_steps, meta_batch and "
-                             "first_order are MAML's")
+        if self.algorithm in _EPISODIC and (self.inner_steps or self.meta_batch != 1 or self.first_order):
+            raise ValueError(f"{self.algorithm} has no inner loop and one episode per step: inner_steps, meta_batch "
+                             "and first_order are MAML's")
 
 
 def build_model(config: FewShotConfig) -> nn.Module:
     if config.dataset == "sinusoid":
         return sinusoid_mlp()
+    if config.algorithm == "matching":
+        return MatchingNetwork(config.channels, config.fce, config.processing_steps)
     ways = None if config.algorithm == "protonet" else config.ways
     return conv4(ways, config.channels, strided=bool(config.strided))
 
@@ -135,8 +150,8 @@ def _inner_net(config: FewShotConfig) -> CoordinatewiseLSTM | None:
 def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int,
            inner: float | UpdateRule, query_batch: int | None = None) -> float:
     """Query accuracy (classification) or query MSE after adaptation (sinusoid)."""
-    if config.algorithm == "protonet":
-        return episode_accuracy(model, episode)
+    if config.algorithm in _EPISODIC:
+        return _EPISODIC[config.algorithm][1](model, episode)
     if config.dataset == "sinusoid":
         params = {k: v.detach() for k, v in model.named_parameters()}
         with torch.no_grad():
@@ -150,10 +165,10 @@ def _load(path: Path, config: FewShotConfig | None) -> dict:
     if not isinstance(ckpt, dict) or "fewshot_config" not in ckpt:
         raise ValueError(f"{path} is not a learnedopt few-shot checkpoint")
     if config is not None:
-        saved = ckpt["fewshot_config"]
-        wrong = [k for k in _MUST_MATCH if saved.get(k) != getattr(config, k)]
+        saved = FewShotConfig(**ckpt["fewshot_config"])
+        wrong = [k for k in _MUST_MATCH if getattr(saved, k) != getattr(config, k)]
         if wrong:
-            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, asked {getattr(config, k)!r}" for k in wrong)
+            details = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r}, asked {getattr(config, k)!r}" for k in wrong)
             raise ValueError(f"{path} was trained with other settings ({details})")
     return ckpt
 
@@ -185,7 +200,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
         generator.set_state(ckpt["generator"])
         run = {"iteration": ckpt["iteration"], "history": ckpt["history"]}
     tasks = _Tasks(config, "train", config.ways, config.shots, config.queries)
-    val_ways = config.ways if config.algorithm == "maml" else 5  # ProtoNet trains 60-way, is scored 5-way
+    val_ways = 5 if config.algorithm == "protonet" else config.ways  # ProtoNet trains 60-way, is scored 5-way
     val = _Tasks(config, "val", val_ways, config.shots, 15 if config.dataset == "omniglot" else 10)
 
     def state() -> dict:
@@ -213,7 +228,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
                                  config.first_order, batched=config.dataset == "omniglot")
             else:
                 opt.zero_grad()
-                result = episode_loss(model, dict(model.named_parameters()), tasks.sample(generator))
+                result = _EPISODIC[config.algorithm][0](model, dict(model.named_parameters()), tasks.sample(generator))
                 result.meta_loss.backward()
                 opt.step()
                 loss = result.meta_loss.item()
@@ -237,7 +252,7 @@ def load_checkpoint(
 ) -> tuple[nn.Module, FewShotConfig, CoordinatewiseLSTM | None]:
     """The trained model, its run's configuration and (``inner_rule="lstm"``) the learned inner-loop net.
 
-    Example (any ``checkpoint.pt`` written by ``learnedopt maml|protonet train``)::
+    Example (any ``checkpoint.pt`` written by ``learnedopt maml|protonet|matching train``)::
 
         model, config, inner_net = load_checkpoint("results/checkpoints/maml-omniglot-5w1s.pt")
     """

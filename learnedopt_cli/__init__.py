@@ -1,4 +1,4 @@
-"""The ``learnedopt`` command line: meta-train, demo, benchmark, pretrained, maml, protonet.
+"""The ``learnedopt`` command line: meta-train, demo, benchmark, pretrained, maml, protonet, matching.
 
 The top layer: it parses arguments, resolves ``--task`` (a registered family or ``package.module:factory``) and
 calls the library (:mod:`learnedopt`) and the experiments (:mod:`learnedopt_experiments`). The flags of
@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("pretrained", help="list the packaged nets and what they were trained on")
 
-    for algorithm in ("maml", "protonet"):
-        fs = sub.add_parser(algorithm, help=f"{'MAML / first-order MAML' if algorithm == 'maml' else 'ProtoNet'} "
-                            "few-shot learning on the unroll engine")
+    titles = {"maml": "MAML / first-order MAML", "protonet": "ProtoNet", "matching": "matching networks"}
+    for algorithm, title in titles.items():
+        fs = sub.add_parser(algorithm, help=f"{title} few-shot learning on the unroll engine")
         fs_sub = fs.add_subparsers(dest="action", required=True, metavar="ACTION")
         tr = fs_sub.add_parser("train", help="meta-train; writes OUT/checkpoint.pt and OUT/tb")
         tr.add_argument("--out", type=Path, required=True, help="run folder: checkpoint.pt and TensorBoard logs")
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="stop (with a checkpoint) once this much time is spent; --resume continues")
         tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-        maml_only = () if algorithm == "maml" else tuple(f.name for f in fields(FewShotConfig) if f.metadata.get("maml"))
-        add_config_arguments(tr, FewShotConfig, skip=maml_only)
+        others = tuple(f.name for f in fields(FewShotConfig)  # the options of the other algorithms
+                       if any(f.metadata.get(a) for a in titles if a != algorithm) and not f.metadata.get(algorithm))
+        add_config_arguments(tr, FewShotConfig, skip=others)
         ev = fs_sub.add_parser("eval", help="mean test score and 95%% confidence interval over test episodes")
         ev.add_argument("--checkpoint", type=Path, required=True)
         ev.add_argument("--ways", type=positive, default=5)
@@ -216,7 +217,7 @@ def _dispatch(args: argparse.Namespace, command: str) -> int:
         )
         print(f"\nwrote {args.out / (name + '.md')}, .json, .png")
         return 0
-    if args.command in ("maml", "protonet"):
+    if args.command in ("maml", "protonet", "matching"):
         return _fewshot(args)
     raise AssertionError(args.command)
 

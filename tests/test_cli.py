@@ -142,7 +142,7 @@ def test_every_generated_flag_defaults_to_its_config_field():
     parser = build_parser()
     args = parser.parse_args(["meta-train", "--out", "x"])
     assert config_from_args(MetaTrainConfig, args, task="") == MetaTrainConfig()
-    for algorithm in ("maml", "protonet"):
+    for algorithm in ("maml", "protonet", "matching"):
         args = parser.parse_args([algorithm, "train", "--out", "x"])
         assert config_from_args(FewShotConfig, args, algorithm=algorithm) == FewShotConfig(algorithm=algorithm)
     # and every flag that a config field generated parses to that field's default

@@ -301,3 +301,56 @@ def test_query_batch_sets_the_batchnorm_batch_of_the_query_set():
     assert query_accuracy(model, episode, 1, 0.4, query_batch=15) == together
     per_image = [query_accuracy(model, episode, 1, 0.4, query_batch=k) for k in (1, 5)]
     assert len({together, *per_image}) > 1  # BatchNorm on batch statistics: the batch changes the predictions
+
+
+def test_matching_network_attends_over_the_support_set():
+    """Probabilities sum to one; a query identical to a support image of a 1-shot episode takes its class
+    (its cosine similarity, 1, is the largest); with FCE, gradients reach both LSTMs."""
+    from learnedopt_experiments.baselines.matching import MatchingNetwork, episode_loss
+
+    torch.manual_seed(0)
+    support, labels = torch.randn(5, 1, 28, 28), torch.tensor([3, 0, 4, 1, 2])
+    order = torch.tensor([2, 0, 4, 1, 3])
+    net = MatchingNetwork(channels=8)
+    log_p = net(support, labels, support[order])
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(5))
+    assert torch.equal(log_p.argmax(-1), labels[order])
+    fce = MatchingNetwork(channels=8, fce=True, processing_steps=3)
+    episode = Episode(support, labels, support[order], labels[order])
+    episode_loss(fce, dict(fce.named_parameters()), episode).meta_loss.backward()
+    for module in (fce.support_lstm, fce.query_cell, fce.embed):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+@needs_omniglot
+@pytest.mark.parametrize("fce", [False, True])
+def test_short_matching_network_training_beats_chance(omniglot, fce):
+    from learnedopt_experiments.baselines.matching import MatchingNetwork
+    from learnedopt_experiments.baselines.matching import episode_accuracy as matching_accuracy
+    from learnedopt_experiments.baselines.matching import episode_loss as matching_loss
+
+    torch.manual_seed(0)
+    train, test = EpisodeSampler(omniglot, "train", 5, 1, 5), EpisodeSampler(omniglot, "test", 5, 1, 15)
+    g, gt = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    net = MatchingNetwork(32, fce=fce)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        matching_loss(net, dict(net.named_parameters()), train.sample(g)).meta_loss.backward()
+        opt.step()
+    assert sum(matching_accuracy(net, test.sample(gt)) for _ in range(30)) / 30 >= 0.5  # chance is 0.2
+
+
+@needs_omniglot
+def test_matching_cli_trains_and_evaluates(tmp_path, capsys):
+    from learnedopt_cli import main
+
+    out = tmp_path / "matching"
+    assert main(["matching", "train", "--out", str(out), "--iterations", "2", "--channels", "4", "--fce",
+                 "--eval-every", "1", "--no-progress"]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["fewshot_config"]["algorithm"] == "matching" and ckpt["fewshot_config"]["fce"] is True
+    assert main(["matching", "eval", "--checkpoint", str(out / "checkpoint.pt"), "--episodes", "3"]) == 0
+    assert "matching 5-way 1-shot: query accuracy" in capsys.readouterr().out
+    assert main(["matching", "train", "--out", str(out), "--channels", "4", "--resume", "--no-progress"]) == 2
+    assert "fce: checkpoint True, asked False" in capsys.readouterr().err

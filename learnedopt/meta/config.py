@@ -66,6 +66,8 @@ class MetaTrainConfig:
                              "(unbiased)", match=True, choices=tuple(ESTIMATORS))
     es_pairs: int = setting(8, "antithetic pairs per truncation (es, pes)")
     es_sigma: float = setting(0.01, "perturbation standard deviation (es, pes)")
+    second_order: bool = setting(False, "tbptt: differentiate through the optimizee's gradients too (the exact "
+                                 "meta-gradient of each truncation, at a higher cost)", match=True)
     checkpoint: int = setting(0, "tbptt: recompute K-step segments in backward instead of storing them (saves "
                               "memory)", flag="checkpoint-segment", metavar="K")
     max_skipped: int = setting(20, "stop once N meta-steps in a row had non-finite meta-gradients (each is "

@@ -248,7 +248,7 @@ def _check_family(family: TaskFamily, config: MetaTrainConfig) -> None:
 
 def _estimator(cfg: MetaTrainConfig) -> GradientEstimator:
     if cfg.estimator == "tbptt":
-        return TruncatedBackprop(checkpoint=cfg.checkpoint)
+        return TruncatedBackprop(second_order=cfg.second_order, checkpoint=cfg.checkpoint)
     return (AntitheticES if cfg.estimator == "es" else PersistentES)(cfg.es_pairs, cfg.es_sigma)
 
 
