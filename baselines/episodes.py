@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from learnedopt import UnrollResult, sgd, unroll
+from learnedopt.unroll import Params
+
 from .omniglot import Omniglot
 
-__all__ = ["Episode", "EpisodeSampler", "sample_sinusoids"]
+__all__ = ["Episode", "EpisodeSampler", "sample_sinusoids", "episode_unroll"]
 
 
 @dataclass
@@ -24,6 +28,12 @@ class Episode:
 
     def to(self, device: torch.device | str) -> "Episode":
         return Episode(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+def episode_unroll(loss_fn: Callable[[Params, "Episode"], Tensor], params: Params, episode: "Episode") -> UnrollResult:
+    """An episode of a method without an inner loop (ProtoNet, matching networks) as the unroll engine with zero
+    inner steps: ``.meta_loss`` is ``loss_fn(params, episode)``, carrying the gradient."""
+    return unroll(loss_fn, params, sgd(0.0), None, 0, lambda t: episode, weights=[1.0])
 
 
 class EpisodeSampler:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learnedopt import UnrollResult, sgd, unroll
+from learnedopt import UnrollResult
 from learnedopt.unroll import Params
 
-from .episodes import Episode
+from .episodes import Episode, episode_unroll
 from .models import conv4
 
 __all__ = ["MatchingNetwork", "episode_loss", "episode_accuracy"]
@@ -75,7 +75,7 @@ def episode_loss(model: nn.Module, params: Params, episode: Episode) -> UnrollRe
     def loss_fn(p: Params, ep: Episode) -> Tensor:
         return nn.functional.nll_loss(_log_probabilities(model, p, ep), ep.query_y)
 
-    return unroll(loss_fn, params, sgd(0.0), None, 0, lambda t: episode, weights=[1.0])
+    return episode_unroll(loss_fn, params, episode)
 
 
 @torch.no_grad()

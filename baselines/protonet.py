@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from learnedopt import UnrollResult, sgd, unroll
+from learnedopt import UnrollResult
 from learnedopt.unroll import Params
 
-from .episodes import Episode
+from .episodes import Episode, episode_unroll
 
 __all__ = ["prototype_logits", "episode_loss", "episode_accuracy"]
 
@@ -38,7 +38,7 @@ def episode_loss(embed: nn.Module, params: Params, episode: Episode) -> UnrollRe
     def loss_fn(p: Params, ep: Episode) -> Tensor:
         return nn.functional.cross_entropy(_logits(embed, p, ep), ep.query_y)
 
-    return unroll(loss_fn, params, sgd(0.0), None, 0, lambda t: episode, weights=[1.0])
+    return episode_unroll(loss_fn, params, episode)
 
 
 @torch.no_grad()
