@@ -87,9 +87,8 @@ def unroll(
         weights: ``T + 1`` weights of ``L_0 .. L_T`` in the meta-loss; default :func:`default_weights`.
         transform: applied to each loss inside the meta-loss (e.g. ``torch.log`` to weigh relative progress).
         checkpoint: gradient checkpointing: store only the parameters and rule state at the start of every
-            segment of ``checkpoint`` steps and recompute the segment's inside during backward. ``checkpoint=1``
-            cut the peak memory of 10- to 50-step MNIST truncations by 72-81% at no time cost; longer
-            segments saved less (results/performance.md). 0 (default) stores everything.
+            segment of ``checkpoint`` steps and recompute the segment's inside during backward (its memory and
+            time: results/performance.md). 0 (default) stores everything.
 
     With gradients disabled (``torch.no_grad()``) the engine evaluates a rule cheaply: each step's parameters
     are cut from the graph, and nothing is kept for a meta-gradient.
