@@ -22,11 +22,12 @@ from learnedopt.pretrained import atomic_save, load_file
 from .episodes import Episode, EpisodeSampler, sample_sinusoids
 from .maml import adapt, maml_step, query_accuracy
 from .matching import MatchingNetwork
+from .meta_learner import MetaLearnerLSTM, MetaLearnerRule
 from .models import conv4, sinusoid_mlp
 from .omniglot import load_omniglot
 from . import matching, protonet
 
-__all__ = ["FewShotConfig", "train", "evaluate", "load_checkpoint"]
+__all__ = ["FewShotConfig", "train", "evaluate", "load_checkpoint", "inner_update"]
 
 PAPER_NET = "mnist-lstm"
 _MUST_MATCH = ("algorithm", "dataset", "ways", "channels", "strided", "inner_rule", "fce")
@@ -74,8 +75,10 @@ class FewShotConfig:
     inner_steps: int = _field(-1, "inner SGD steps (-1: 1; 0: joint training, the 'pretrained' baseline of the MAML "
                               "paper)", maml=True)
     inner_lr: float = _field(0.0, "inner SGD learning rate (0: 0.4 on Omniglot, 0.01 on sinusoids)", maml=True)
-    inner_rule: str = _field("sgd", "inner-loop optimizer: SGD (MAML), or the paper-faithful mnist-lstm LSTM rule, "
-                             "meta-trained jointly with the initialization", choices=("sgd", "lstm"), maml=True)
+    inner_rule: str = _field("sgd", "inner-loop optimizer: SGD (MAML); lstm: this package's coordinatewise LSTM "
+                             "optimizer (from mnist-lstm); meta-lstm: Ravi & Larochelle's meta-learner LSTM (use "
+                             "with --first-order, their approximation); both learned rules are meta-trained "
+                             "with the initialization", choices=("sgd", "lstm", "meta-lstm"), maml=True)
     first_order: bool = _field(False, "first-order MAML (no second derivatives)", maml=True)
     channels: int = _field(64, "Conv-4 channels")
     fce: bool = _field(False, "matching networks: full-context embeddings (a bidirectional LSTM over the support "
@@ -95,7 +98,7 @@ class FewShotConfig:
         maml = self.algorithm == "maml"
         if self.dataset not in ("omniglot", "sinusoid") or (not maml and self.dataset != "omniglot"):
             raise ValueError(f"dataset {self.dataset!r} is not available for {self.algorithm}")
-        if self.inner_rule not in ("sgd", "lstm") or (not maml and self.inner_rule != "sgd"):
+        if self.inner_rule not in ("sgd", "lstm", "meta-lstm") or (not maml and self.inner_rule != "sgd"):
             raise ValueError(f"inner rule {self.inner_rule!r} is not available for {self.algorithm}")
         if self.fce and self.algorithm != "matching":
             raise ValueError("fce (full-context embeddings) is a matching-network option")
@@ -139,12 +142,24 @@ def _criterion(config: FewShotConfig) -> Callable[[torch.Tensor, torch.Tensor], 
     return nn.functional.mse_loss if config.dataset == "sinusoid" else nn.functional.cross_entropy
 
 
-def _inner_net(config: FewShotConfig) -> CoordinatewiseLSTM | None:
-    """The learned inner-loop optimizer (``inner_rule="lstm"``), starting from the paper-faithful ``mnist-lstm``.
+def _inner_net(config: FewShotConfig) -> nn.Module | None:
+    """The learned inner-loop optimizer's weights: ``inner_rule="lstm"``, the coordinatewise LSTM optimizer
+    starting from the paper-faithful ``mnist-lstm`` (a fixed name, not the package default: checkpoints store
+    this architecture's weights); ``"meta-lstm"``, Ravi & Larochelle's meta-learner; ``None`` for SGD."""
+    if config.inner_rule == "lstm":
+        return load_net(PAPER_NET).to(config.device)
+    if config.inner_rule == "meta-lstm":
+        return MetaLearnerLSTM().to(config.device)
+    return None
 
-    A fixed name, not the package default: checkpoints store this architecture's weights.
-    """
-    return load_net(PAPER_NET).to(config.device) if config.inner_rule == "lstm" else None
+
+def inner_update(config: FewShotConfig, inner_net: nn.Module | None) -> float | UpdateRule:
+    """What adapts the model in the inner loop: SGD's learning rate, or the learned rule."""
+    if isinstance(inner_net, CoordinatewiseLSTM):
+        return LSTMRule(inner_net)
+    if isinstance(inner_net, MetaLearnerLSTM):
+        return MetaLearnerRule(inner_net)
+    return config.inner_lr
 
 
 def _score(config: FewShotConfig, model: nn.Module, episode: Episode, inner_steps: int,
@@ -185,7 +200,7 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
     torch.manual_seed(config.seed)
     model = build_model(config).to(config.device)
     inner_net = _inner_net(config)
-    inner: float | UpdateRule = LSTMRule(inner_net) if inner_net is not None else config.inner_lr
+    inner = inner_update(config, inner_net)
     meta_params = list(model.parameters()) + (list(inner_net.parameters()) if inner_net is not None else [])
     opt = torch.optim.Adam(meta_params, lr=config.meta_lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -249,8 +264,9 @@ def train(config: FewShotConfig, out: Path, resume: bool = False, progress: bool
 
 def load_checkpoint(
     path: str | Path, device: str = "cpu"
-) -> tuple[nn.Module, FewShotConfig, CoordinatewiseLSTM | None]:
-    """The trained model, its run's configuration and (``inner_rule="lstm"``) the learned inner-loop net.
+) -> tuple[nn.Module, FewShotConfig, nn.Module | None]:
+    """The trained model, its run's configuration and (``inner_rule="lstm"`` or ``"meta-lstm"``) the learned
+    inner-loop net.
 
     Example (any ``checkpoint.pt`` written by ``learnedopt maml|protonet|matching train``)::
 
@@ -284,7 +300,7 @@ def evaluate(checkpoint: Path, ways: int, shots: int, episodes: int, inner_steps
         inner_steps = config.inner_steps
     if config.algorithm == "maml" and config.dataset == "omniglot" and ways != config.ways:
         raise ValueError(f"{checkpoint} is a {config.ways}-way MAML classifier; it cannot run {ways}-way episodes")
-    inner: float | UpdateRule = LSTMRule(inner_net) if inner_net is not None else config.inner_lr
+    inner = inner_update(config, inner_net)
     tasks = _Tasks(config, "test", ways, shots, queries)
     g = torch.Generator().manual_seed(seed)
     scores = torch.tensor([_score(config, model, tasks.sample(g), inner_steps, inner, query_batch) for _ in range(episodes)])

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 import learnedopt
 from learnedopt_experiments.baselines import load_checkpoint
+from learnedopt_experiments.baselines.train import inner_update
 from learnedopt_experiments.baselines.episodes import Episode, EpisodeSampler, sample_sinusoids
 from learnedopt_experiments.baselines.maml import adapt
 from learnedopt_experiments.baselines.models import conv4
@@ -75,7 +77,7 @@ def _maml(checkpoint: str, steps: int) -> tuple[Adapter, Predictor]:
     model, config, inner_net = load_checkpoint(CHECKPOINTS / checkpoint)
     criterion = nn.functional.mse_loss if config.dataset == "sinusoid" else nn.functional.cross_entropy
     lr = config.inner_lr or 0.01  # the pre-trained regressor was trained without an inner loop
-    inner = learnedopt.LSTMRule(inner_net) if inner_net is not None else lr
+    inner = inner_update(replace(config, inner_lr=lr), inner_net)
 
     def adapt_one(episode: Episode) -> dict[str, Tensor]:
         params = {k: v.detach() for k, v in model.named_parameters()}

@@ -78,7 +78,9 @@ def unroll(
         loss_fn: ``loss_fn(params, batch) -> Tensor`` (a scalar, or one loss per task).
         params: initial parameters. Those that require grad (e.g. MAML's meta-parameters) stay in the graph;
             the others are treated as fresh leaves.
-        rule: any update rule; its own parameters (e.g. the LSTM's weights) receive meta-gradients.
+        rule: any update rule; its own parameters (e.g. the LSTM's weights) receive meta-gradients. A rule whose
+            ``takes_loss`` attribute is true also gets each step's loss, detached, as ``update(..., loss=L_t)``
+            (Ravi & Larochelle's meta-learner reads it).
         state: the rule's state, or ``None`` for ``rule.init``.
         steps: number of updates ``T`` (0 is allowed: a single evaluation, as for ProtoNet).
         batch: ``batch(t)`` gives the batch for the loss at step ``t``, for ``t = 0 .. T``.
@@ -132,7 +134,8 @@ def unroll(
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, raw)]
             if not second_order:
                 grads = [g.detach() for g in grads]
-            updates, state = rule.update(grads, state, theta)
+            given: dict[str, Any] = {"loss": loss.detach()} if getattr(rule, "takes_loss", False) else {}
+            updates, state = rule.update(grads, state, theta, **given)
             theta = [p + u for p, u in zip(theta, updates)]
         return losses, theta, state
 

@@ -354,3 +354,57 @@ def test_matching_cli_trains_and_evaluates(tmp_path, capsys):
     assert "matching 5-way 1-shot: query accuracy" in capsys.readouterr().out
     assert main(["matching", "train", "--out", str(out), "--channels", "4", "--resume", "--no-progress"]) == 2
     assert "fce: checkpoint True, asked False" in capsys.readouterr().err
+
+
+def test_meta_learner_lstm_is_the_gated_cell_state_update():
+    """theta_t = f * theta - i * grad with i, f from the gates; the loss is an input; per-task losses reach their
+    own task's coordinates."""
+    from learnedopt import unroll
+    from learnedopt_experiments.baselines.meta_learner import MetaLearnerLSTM, MetaLearnerRule
+
+    torch.manual_seed(0)
+    net = MetaLearnerLSTM(hidden_size=6)
+    rule = MetaLearnerRule(net)
+    theta, grad = torch.randn(2, 5), torch.randn(2, 5)
+    with torch.no_grad():  # gates that ignore the first LSTM: i = sigmoid(b_I), f = sigmoid(b_F)
+        for gate in (net.input_gate, net.forget_gate):
+            gate.weight.zero_()
+    (update,), _ = rule.update([grad], rule.init([theta]), [theta], loss=torch.tensor(1.0))
+    i, f = torch.sigmoid(net.input_gate.bias), torch.sigmoid(net.forget_gate.bias)
+    torch.testing.assert_close(update, (f - 1) * theta - i * grad)
+    assert 0 < float(i.detach()) < 0.02 and float(f.detach()) > 0.98  # Ravi & Larochelle's initial biases
+
+    with torch.no_grad():
+        net.input_gate.weight.normal_(0, 1.0)  # now the gates read the first LSTM, which reads the loss
+    state = rule.init([theta])
+    low = rule.update([grad], state, [theta], loss=torch.tensor(0.1))[0][0]
+    high = rule.update([grad], state, [theta], loss=torch.tensor(10.0))[0][0]
+    assert not torch.allclose(low, high)
+    per_task = rule.update([grad], state, [theta], loss=torch.tensor([0.1, 10.0]))[0][0]
+    torch.testing.assert_close(per_task[0], low[0])
+    torch.testing.assert_close(per_task[1], high[1])
+    # the unroll engine hands every step's loss to the rule; the first-order meta-gradient reaches every weight
+    # of the meta-learner and the learner's initialization (the cell state it starts from)
+    start = {"x": torch.ones(3, requires_grad=True)}
+    out = unroll(lambda p, _: (p["x"] ** 2).sum(), start, rule, None, 3, lambda t: None)
+    out.meta_loss.backward()
+    assert start["x"].grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    with pytest.raises(ValueError, match="needs each step's loss"):
+        rule.update([grad], state, [theta])
+
+
+def test_meta_learner_lstm_meta_trains_with_the_initialization(tmp_path, capsys):
+    from learnedopt_cli import main
+
+    out = tmp_path / "meta-lstm"
+    assert main(["maml", "train", "--dataset", "sinusoid", "--shots", "5", "--inner-rule", "meta-lstm",
+                 "--first-order", "--inner-steps", "3", "--iterations", "3", "--meta-batch", "4", "--out", str(out),
+                 "--eval-every", "3", "--no-progress"]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    from learnedopt_experiments.baselines.meta_learner import MetaLearnerLSTM
+
+    assert ckpt["fewshot_config"]["inner_rule"] == "meta-lstm" and ckpt["iteration"] == 3
+    assert set(ckpt["inner_net"]) == set(MetaLearnerLSTM().state_dict())
+    assert main(["maml", "eval", "--checkpoint", str(out / "checkpoint.pt"), "--shots", "5", "--episodes", "3"]) == 0
+    assert "5-shot sinusoid: query mse" in capsys.readouterr().out
