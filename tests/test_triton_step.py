@@ -27,7 +27,7 @@ def test_under_the_interpreter():
     done = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-o", "addopts=", "-p", "no:xdist",
                            "-p", "no:cacheprovider"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert f"{len(ARCHS) + 2} passed" in done.stdout, done.stdout[-2000:]
+    assert f"{len(ARCHS) + 2 + 4} passed" in done.stdout, done.stdout[-2000:]
 
 ARCHS = {
     "general": dict(inputs="normalized", output="adam"),
@@ -128,3 +128,48 @@ def test_on_cuda_the_optimizer_runs_the_triton_step(arch):
         ops.step()
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@in_child
+@pytest.mark.parametrize("width, hidden, rows", [(4, 20, 7), (2, 20, 130), (7, 7, 70), (20, 20, 64)])
+def test_triton_cell_forward_and_backward_equal_the_reference(width, hidden, rows):
+    """The differentiable cell (GPU meta-training) against autograd's op-by-op record of the torch cell."""
+    from learnedopt.lstm.cell import gate_weight, lstm_cell
+    from learnedopt.lstm.triton_cell import TritonCell
+
+    torch.manual_seed(0)
+    cell = torch.nn.LSTMCell(width, hidden)
+    for p in cell.parameters():
+        p.data.normal_(0.0, 0.5)
+    x, h, c = torch.randn(rows, width), torch.randn(rows, hidden), torch.randn(rows, hidden)
+    upstream = torch.randn(rows, hidden), torch.randn(rows, hidden)
+    results = []
+    for use_triton in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, h, c)]
+        weight = gate_weight(cell)
+        if use_triton:
+            new_h, new_c = TritonCell.apply(weight, *leaves)
+        else:
+            new_h, new_c = lstm_cell(weight, *leaves, reference=True)
+        loss = (new_h * upstream[0]).sum() + (new_c * upstream[1]).sum()
+        results.append((new_h, new_c, *torch.autograd.grad(loss, [*leaves, *cell.parameters()])))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_session.sh runs it)")
+def test_on_cuda_a_truncations_meta_gradient_through_triton_cells_equals_the_reference():
+    from learnedopt import ModuleFamily, unroll
+
+    data = (torch.randn(512, 12, device="cuda"), torch.randint(0, 4, (512,), device="cuda"))
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))  # noqa: E731
+    task = ModuleFamily(make, data, torch.nn.functional.cross_entropy, 32, device="cuda").sample(
+        3, torch.Generator().manual_seed(0))
+    net = _net("general").cuda()
+    results = []
+    for backend in ("auto", "reference"):
+        params = task.init_params(torch.Generator().manual_seed(1))
+        out = unroll(task.loss, params, LSTMRule(net, backend=backend), None, 8, task.batch, transform=torch.log)
+        results.append(torch.autograd.grad(out.meta_loss, list(net.parameters())))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)

@@ -101,3 +101,84 @@ def step_kernel(
         u = raw0 * tl.load(scalars + 2)
     tl.store(update + rows, tl.where(valid, u, 0.0), mask=inside)
     tl.atomic_add(skipped, tl.sum((inside & (~valid)).to(tl.int32), axis=0))
+
+
+@triton.jit
+def load_tile(ptr, rows, n, width, P: tl.constexpr):
+    """Rows ``rows`` of a contiguous ``(n, width)`` matrix as a ``(BLOCK, P)`` tile, zero beyond ``width``."""
+    cols = tl.arange(0, P)
+    return tl.load(ptr + rows[:, None] * width + cols[None, :], mask=(rows[:, None] < n) & (cols[None, :] < width),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def cell_gates(x, h, wx_ptr, wh_ptr, bias_ptr, HP: tl.constexpr):
+    """The four gates' activations of a block (weights as in the step kernel, one layer)."""
+    i_gate = sigmoid(preactivation(x, h, wx_ptr, wh_ptr, bias_ptr, 0, HP))
+    f_gate = sigmoid(preactivation(x, h, wx_ptr, wh_ptr, bias_ptr, 1, HP))
+    g_sig = sigmoid(preactivation(x, h, wx_ptr, wh_ptr, bias_ptr, 2, HP))
+    o_gate = sigmoid(preactivation(x, h, wx_ptr, wh_ptr, bias_ptr, 3, HP))
+    return i_gate, f_gate, g_sig, o_gate
+
+
+@triton.jit
+def cell_forward_kernel(x_ptr, h_ptr, c_ptr, wx_ptr, wh_ptr, bias_ptr, new_h_ptr, new_c_ptr, n, width,
+                        H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
+    """One LSTM cell on a block of rows: ``c' = f c + i g``, ``h' = o tanh(c')`` (the cell gate pre-scaled by 2)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x, h, c = load_tile(x_ptr, rows, n, width, HP), load_tile(h_ptr, rows, n, H, HP), load_tile(c_ptr, rows, n, H, HP)
+    i_gate, f_gate, g_sig, o_gate = cell_gates(x, h, wx_ptr, wh_ptr, bias_ptr, HP)
+    c_new = f_gate * c + i_gate * (2.0 * g_sig - 1.0)
+    h_new = o_gate * (2.0 * sigmoid(2.0 * c_new) - 1.0)
+    cols = tl.arange(0, HP)
+    offsets = rows[:, None] * H + cols[None, :]
+    mask = (rows[:, None] < n) & (cols[None, :] < H)
+    tl.store(new_h_ptr + offsets, h_new, mask=mask)
+    tl.store(new_c_ptr + offsets, c_new, mask=mask)
+
+
+@triton.jit
+def cell_backward_kernel(x_ptr, h_ptr, c_ptr, wx_ptr, wh_ptr, bias_ptr, grad_h_ptr, grad_c_ptr, grad_x_ptr,
+                         grad_hold_ptr, grad_cold_ptr, grad_wx_ptr, grad_wh_ptr, grad_b_ptr, n, width,
+                         H: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr):
+    """The cell's backward on a block: gates recomputed in registers, the inputs' and state's gradients written,
+    the block's share of the weights' gradients written to its own slot (summed on the host)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    x, h, c = load_tile(x_ptr, rows, n, width, HP), load_tile(h_ptr, rows, n, H, HP), load_tile(c_ptr, rows, n, H, HP)
+    grad_h, grad_c = load_tile(grad_h_ptr, rows, n, H, HP), load_tile(grad_c_ptr, rows, n, H, HP)
+    i_gate, f_gate, g_sig, o_gate = cell_gates(x, h, wx_ptr, wh_ptr, bias_ptr, HP)
+    candidate = 2.0 * g_sig - 1.0
+    c_new = f_gate * c + i_gate * candidate
+    tanh_c = 2.0 * sigmoid(2.0 * c_new) - 1.0
+    grad_c = grad_c + grad_h * o_gate * (1.0 - tanh_c * tanh_c)
+    d_i = grad_c * candidate * i_gate * (1.0 - i_gate)
+    d_f = grad_c * c * f_gate * (1.0 - f_gate)
+    d_g = grad_c * i_gate * 2.0 * g_sig * (1.0 - g_sig)
+    d_o = grad_h * tanh_c * o_gate * (1.0 - o_gate)
+    cols = tl.arange(0, HP)
+    wr, wc = tl.arange(0, HP)[:, None], tl.arange(0, HP)[None, :]
+    grad_x = tl.zeros((BLOCK, HP), dtype=tl.float32)
+    grad_hold = tl.zeros((BLOCK, HP), dtype=tl.float32)
+    for gate in tl.static_range(4):
+        if gate == 0:
+            d = d_i
+        elif gate == 1:
+            d = d_f
+        elif gate == 2:
+            d = d_g
+        else:
+            d = d_o
+        wx = tl.load(wx_ptr + gate * HP * HP + wr * HP + wc)
+        wh = tl.load(wh_ptr + gate * HP * HP + wr * HP + wc)
+        grad_x += tl.dot(d, tl.trans(wx), input_precision="ieee")
+        grad_hold += tl.dot(d, tl.trans(wh), input_precision="ieee")
+        slot = (pid * 4 + gate) * HP * HP
+        tl.store(grad_wx_ptr + slot + wr * HP + wc, tl.dot(tl.trans(x), d, input_precision="ieee"))
+        tl.store(grad_wh_ptr + slot + wr * HP + wc, tl.dot(tl.trans(h), d, input_precision="ieee"))
+        tl.store(grad_b_ptr + (pid * 4 + gate) * HP + cols, tl.sum(d, axis=0))
+    inside = rows[:, None] < n
+    tl.store(grad_x_ptr + rows[:, None] * width + cols[None, :], grad_x, mask=inside & (cols[None, :] < width))
+    state = rows[:, None] * H + cols[None, :]
+    tl.store(grad_hold_ptr + state, grad_hold, mask=inside & (cols[None, :] < H))
+    tl.store(grad_cold_ptr + state, grad_c * f_gate, mask=inside & (cols[None, :] < H))

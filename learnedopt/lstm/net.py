@@ -14,6 +14,7 @@ from .cell import gate_weight, lstm_cell
 from .config import LSTMConfig
 from .kernel_ops import FusedLSTM, cell_library
 from .output import BoundedAdamStep, bounded_adam_step
+from .triton_cell import TritonCell, triton_cell_applies
 
 __all__ = ["CoordinatewiseLSTM"]
 
@@ -73,19 +74,25 @@ class CoordinatewiseLSTM(nn.Module):
     def step(self, features: Tensor, h: Tensor, c: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` as ``(raw, new_h, new_c)``, on ``backend`` (see :data:`~learnedopt.lstm.BACKENDS`):
         under autograd, ``"auto"``/``"kernel"`` run all layers as one C-kernel node where it applies, ``"torch"``
-        differentiates each cell with its hand-written backward, ``"reference"`` records every op."""
+        differentiates each cell with its hand-written backward, ``"reference"`` records every op. On CUDA
+        ``"auto"``/``"kernel"`` run each cell as one Triton node (:class:`~learnedopt.lstm.triton_cell.TritonCell`)."""
         weights = [gate_weight(cast(nn.LSTMCell, cell)) for cell in self.cells]
         if backend in ("auto", "kernel") and torch.is_grad_enabled():
             library = cell_library(weights, features, h, c)
             if library is not None:
                 head = torch.cat((self.head.weight, self.head.bias.unsqueeze(1)), dim=1)
                 return FusedLSTM.apply(library, features, h, c, head, *weights)
+        # on CUDA under autograd (meta-training), each cell is one Triton node forward and backward
+        triton = backend in ("auto", "kernel") and torch.is_grad_enabled() and triton_cell_applies(features, h, c)
         x = features
         hs, cs = [], []
         # unbind, not h[layer]: its backward stacks the layers' gradients once, where indexing would zero-fill and
         # accumulate a full (layers, N, hidden) gradient per layer
         for weight, h_layer, c_layer in zip(weights, h.unbind(0), c.unbind(0)):
-            x, cl = lstm_cell(weight, x, h_layer, c_layer, reference=backend == "reference")
+            if triton:
+                x, cl = TritonCell.apply(weight, x, h_layer, c_layer)
+            else:
+                x, cl = lstm_cell(weight, x, h_layer, c_layer, reference=backend == "reference")
             hs.append(x)
             cs.append(cl)
         return self.head(x), torch.stack(hs), torch.stack(cs)

@@ -27,9 +27,9 @@ from .kernel_ops import check_state_sizes
 if TYPE_CHECKING:
     from .net import CoordinatewiseLSTM
 
-__all__ = ["TritonStep", "triton_available"]
+__all__ = ["TritonStep", "triton_available", "kernel_module", "padded_width", "split_gate_weight"]
 
-_KERNELS: dict[bool, Any] = {}  # per interpreter mode: the jitted kernel
+_KERNELS: dict[bool, Any] = {}  # per interpreter mode: the module of jitted kernels
 
 
 def triton_available(device: torch.device) -> str | None:
@@ -49,16 +49,35 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
 
 
-def _kernel_function() -> Any:
-    """The jitted kernel of :mod:`._triton_kernels`, in the mode ``TRITON_INTERPRET`` asks for now (Triton reads
-    it when a function is decorated, so the module is imported, or reloaded, on first use in each mode)."""
+def kernel_module() -> Any:
+    """:mod:`._triton_kernels` in the mode ``TRITON_INTERPRET`` asks for now (Triton reads it when a function is
+    decorated, so the module is imported, or reloaded, on first use in each mode)."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if interpreted not in _KERNELS:
         module = importlib.import_module(f"{__package__}._triton_kernels")
         if module.INTERPRETED != interpreted:
             module = importlib.reload(module)
-        _KERNELS[interpreted] = module.step_kernel
+        _KERNELS[interpreted] = module
     return _KERNELS[interpreted]
+
+
+def padded_width(hidden: int, inputs: int) -> int:
+    """The kernels' tile width: features and hidden units padded to one power of two (16 or more, for tl.dot)."""
+    return max(_pow2(hidden), _pow2(inputs))
+
+
+def split_gate_weight(weight: Tensor, width: int, hp: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A ``(4H, width + H + 1)`` gate weight (:func:`~learnedopt.lstm.cell.gate_weight`) as the kernels' tiles:
+    per gate the input weights ``(HP, HP)``, the recurrent ones ``(HP, HP)`` and the bias ``(HP,)``, zero-padded."""
+    hidden = weight.shape[0] // 4
+    rows = weight.detach().reshape(4, hidden, -1)
+    wx = weight.new_zeros(4, hp, hp)
+    wh = weight.new_zeros(4, hp, hp)
+    bias = weight.new_zeros(4, hp)
+    wx[:, :width, :hidden] = rows[:, :, :width].transpose(1, 2)
+    wh[:, :hidden, :hidden] = rows[:, :, width : width + hidden].transpose(1, 2)
+    bias[:, :hidden] = rows[:, :, -1]
+    return wx.contiguous(), wh.contiguous(), bias.contiguous()
 
 
 class TritonStep:
@@ -98,9 +117,9 @@ class TritonStep:
         config = self.net.config
         device = grads[0].device
         hidden, layers = config.hidden_size, config.num_layers
-        hp = max(_pow2(hidden), _pow2(config.input_size))  # features and hidden units share one padded width
+        hp = padded_width(hidden, config.input_size)
         wx, wh, bias, head = self._weights(hp, device)
-        kernel = _kernel_function()
+        kernel = kernel_module().step_kernel
         limit = largest_gradient(torch.float32)
         updates, new_state = [], []
         for g, s, p in zip(grads, state, params):
@@ -123,27 +142,17 @@ class TritonStep:
         return updates, new_state
 
     def _weights(self, hp: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per layer and gate: the input weights ``(HP, HP)``, the recurrent ones ``(HP, HP)`` and the bias
-        ``(HP,)``, zero-padded, the cell gate's scaled by 2 (:func:`~learnedopt.lstm.cell.gate_weight`); the head
-        as ``OUT`` rows of ``HP + 1`` (bias last)."""
-        config, hidden = self.net.config, self.net.config.hidden_size
-        layers = config.num_layers
-        wx = torch.zeros(layers, 4, hp, hp, device=device)
-        wh = torch.zeros(layers, 4, hp, hp, device=device)
-        bias = torch.zeros(layers, 4, hp, device=device)
+        """Every layer's :func:`split_gate_weight` tiles stacked, and the head as ``OUT`` rows of ``HP + 1``
+        (bias last)."""
+        hidden = self.net.config.hidden_size
         with torch.no_grad():
-            for layer, cell in enumerate(self.net.cells):
-                weight = gate_weight(cell)  # type: ignore[arg-type]
-                width = weight.shape[1] - hidden - 1
-                for gate in range(4):
-                    rows = weight[gate * hidden : (gate + 1) * hidden]
-                    wx[layer, gate, :width, :hidden] = rows[:, :width].t()
-                    wh[layer, gate, :hidden, :hidden] = rows[:, width : width + hidden].t()
-                    bias[layer, gate, :hidden] = rows[:, -1]
+            tiles = [split_gate_weight(gate_weight(cell), cell.input_size, hp)  # type: ignore[arg-type]
+                     for cell in self.net.cells]
             head = torch.zeros(self.net.head.out_features, hp + 1, device=device)
             head[:, :hidden] = self.net.head.weight
             head[:, hp] = self.net.head.bias
-        return wx.contiguous(), wh.contiguous(), bias.contiguous(), head.contiguous()
+        wx, wh, bias = (torch.stack([t[k] for t in tiles]).to(device).contiguous() for k in range(3))
+        return wx, wh, bias, head.contiguous()
 
     def _scalars(self, step: Tensor | None) -> Tensor:
         """The C kernel's ``scalars[]``, rounded as the torch ops round them."""
