@@ -223,3 +223,42 @@ def test_fused_backward_falls_back_to_eager_math_where_compilation_fails(monkeyp
     reference = torch.autograd.grad(net.step(features, h, c, backend="reference")[0].sum(), (h, c))
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b)
+
+
+def test_second_order_meta_gradient_through_the_default_net_is_exact_and_finite():
+    """With gradients that depend on the parameters (--second-order), the meta-gradient of a truncation through
+    the moment-based net equals finite differences, also when some coordinates only ever see zero gradients
+    (sqrt(v) at v = 0 once made it NaN)."""
+    import learnedopt
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 6, dtype=torch.float64)
+    x[:, 0] = 0.0  # the first input is always zero: its weights' gradients are exactly zero
+    y = torch.randint(0, 3, (256,))
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()  # noqa: E731
+    family = learnedopt.ModuleFamily(make, (x, y), torch.nn.functional.cross_entropy, 32, name="mlp")
+    task = family.sample(2, torch.Generator().manual_seed(0))
+    start = task.init_params(torch.Generator().manual_seed(1))
+    net = learnedopt.load_net("general-lstm").double()
+    weights = list(net.parameters())
+
+    def meta_loss(second_order: bool) -> torch.Tensor:
+        rule = LSTMRule(net, backend="reference")
+        return unroll(task.loss, start, rule, None, 6, task.batch, transform=torch.log,
+                      second_order=second_order).meta_loss
+
+    grads = torch.autograd.grad(meta_loss(True), weights)
+    assert all(torch.isfinite(g).all() for g in grads)
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    direction = [g / norm for g in grads]
+    eps = 1e-6
+    with torch.no_grad():
+        values = []
+        for sign in (1.0, -1.0):
+            for w, d in zip(weights, direction):
+                w.add_(sign * eps * d)
+            values.append(float(meta_loss(False)))
+            for w, d in zip(weights, direction):
+                w.sub_(sign * eps * d)
+    finite_difference = (values[0] - values[1]) / (2 * eps)
+    assert abs(float(norm) - finite_difference) <= 1e-5 * abs(finite_difference)

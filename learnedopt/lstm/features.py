@@ -62,7 +62,10 @@ def moment_features(
     v = torch.lerp(grad * grad, v_old, beta2)
     if keep is not None:
         m, v = torch.where(keep, m, m_old), torch.where(keep, v, v_old)
-    scale = 1.0 / (torch.sqrt(v / (1 - beta2**step)) + EPS)
+    # the square root of a clamped v: where v = 0 (a coordinate whose gradients were all zero) its derivative
+    # would be infinite, and second-order meta-gradients (gradients that depend on the parameters) would turn NaN;
+    # in the forward pass the clamp changes nothing, sqrt(tiny) being far below EPS
+    scale = 1.0 / (torch.sqrt((v / (1 - beta2**step)).clamp_min(torch.finfo(v.dtype).tiny)) + EPS)
     normed = m / (1 - decays**step) * scale
     features = torch.stack((grad * scale, *normed.unbind(0)), dim=1)  # (N, 1 + K), contiguous for the kernel
     return features, normed[0], v > 0, {"m": m, "v": v, "step": step}
