@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few iterations only (what CI runs)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--meta-lr", type=float, default=1e-3, help="Adam learning rate on the LSTM's weights")
+    parser.add_argument("--meta-lr", type=float, default=1e-4, help="Adam learning rate on the LSTM's weights")
     args = parser.parse_args()
     torch.set_num_threads(1)
     examples, iterations, horizon, steps, scored = (2048, 2, 10, 20, 256) if args.quick else (20_000, 60, 50, 200, 5000)
@@ -74,12 +74,15 @@ def main() -> None:
     # 1. Your model, data and loss become a task family: each task a fresh initialization and minibatch order.
     family = learnedopt.ModuleFamily(small_cnn, (images, labels), nn.functional.cross_entropy, batch_size=64,
                                      name="my-cnn", eval_examples=scored)
-    # 2. Meta-train (truncated backprop, held-out selection, checkpoints, TensorBoard in OUT/tb).
+    # 2. Meta-train (truncated backprop, held-out selection, checkpoints, TensorBoard in OUT/tb). second_order:
+    #    the exact meta-gradient of each truncation. Fine-tuning a good net with Andrychowicz et al.'s first-order
+    #    approximation (the optimizee's gradients taken as inputs) made it worse on held-out tasks at every
+    #    meta-lr and horizon tried; the exact one improves it (results/examples.md).
     started = time.perf_counter()
     learnedopt.meta_train(
         family, args.out, iterations=iterations, horizon=horizon, unroll=10 if horizon % 10 == 0 else horizon,
         meta_batch=4, eval_every=iterations if args.quick else 15, eval_tasks=4, eval_lengths=(horizon,) if args.quick else (horizon, 4 * horizon),
-        init_net=learnedopt.DEFAULT_NET,
+        init_net=learnedopt.DEFAULT_NET, second_order=True,
         meta_lr=args.meta_lr, resume=args.resume, overwrite=not args.resume, progress=not args.quick,
     )
     print(f"meta-trained on {source} in {time.perf_counter() - started:.0f} s: {args.out}/net.pt")
