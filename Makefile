@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck venv clean
+.PHONY: demo test typecheck lint venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy learnedopt learnedopt_cli learnedopt_experiments meta_train baselines --ignore-missing-imports
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check learnedopt learnedopt_cli learnedopt_experiments meta_train baselines benchmarks examples tests
 
 clean:
 	rm -rf runs .pytest_cache

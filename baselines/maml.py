@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from learnedopt import UnrollResult, UpdateRule, module_loss, sgd, unroll
-from learnedopt.unroll import Params
 
 from .batched import task_batched_loss
 from .episodes import Episode

@@ -437,7 +437,7 @@ def benchmark(loops: list[Loop], nets: list[str], seeds: list[int], cache: Cache
     rows = []
     for loop in loops:
         adam_lr, nag_lr = tune(cache, loop, "adam", ADAM_GRID), tune(cache, loop, "nag", NAG_GRID)
-        optimizers = {f"Adam 1e-3": "adam:0.001", "Adam tuned": f"adam:{adam_lr:g}", "NAG tuned": f"nag:{nag_lr:g}"}
+        optimizers = {"Adam 1e-3": "adam:0.001", "Adam tuned": f"adam:{adam_lr:g}", "NAG tuned": f"nag:{nag_lr:g}"}
         optimizers.update({net: f"net:{net}" for net in nets})
         results = {label: [cache.get(loop, opt, s) for s in seeds] for label, opt in optimizers.items()}
         search = [cache.get(loop, f"adam:{lr:g}", TUNE_SEED) for lr in ADAM_GRID]

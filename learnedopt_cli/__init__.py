@@ -20,7 +20,7 @@ from pathlib import Path
 from learnedopt.meta.config import DEFAULT_NET, MetaTrainConfig
 from learnedopt_experiments.baselines.train import FewShotConfig
 
-from .configargs import add_config_arguments, config_from_args, horizons, positive
+from .configargs import add_config_arguments, config_from_args, positive
 
 __all__ = ["main", "build_parser"]
 

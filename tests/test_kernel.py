@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import learnedopt
 import learnedopt._kernel.build as kernel
 from learnedopt import CoordinatewiseLSTM, LearnedOptimizer
 
@@ -138,7 +137,7 @@ def test_where_the_kernel_does_not_apply():
 
 def test_no_compiler_falls_back_with_one_warning(tmp_path):
     """Without a C compiler the default path warns once and gives the torch ops' results; backend="kernel" raises."""
-    script = f"""
+    script = """
 import warnings, torch, learnedopt
 torch.manual_seed(0)
 net = learnedopt.CoordinatewiseLSTM(inputs="normalized", output="adam")
