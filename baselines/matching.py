@@ -1,12 +1,16 @@
 """Matching networks (Vinyals et al. 2016) on the same engine as ProtoNet: an episode with zero inner steps.
 
 A query is classified by attention over the support set: ``P(y | x, S) = sum_i a(x, x_i) y_i`` with
-``a = softmax_i(cos(f(x), g(x_i)))``. Without full-context embeddings (FCE), ``f = g`` is the Conv-4 embedding
+``a = softmax_i(s * cos(f(x), g(x_i)))``. The paper writes no scale ``s``; here it is learned (from 10), because
+cosines lie in [-1, 1]: unscaled, a 5-way softmax can put at most ~0.65 on the right class, the attention stays
+flat and training stalls (query NLL ~1.1 and ~89% 5-way 1-shot accuracy after 20k episodes, measured). Without full-context embeddings (FCE), ``f = g`` is the Conv-4 embedding
 (the paper's Omniglot setting). With FCE, ``g`` adds a bidirectional LSTM over the support embeddings and ``f``
 is an attention LSTM that reads the support set for ``processing_steps`` steps (the paper's Appendix A.2).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +39,7 @@ class MatchingNetwork(nn.Module):
         super().__init__()
         self.embed = conv4(None, channels)
         self.fce, self.processing_steps = fce, processing_steps
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # the attention's inverse temperature
         if fce:
             self.support_lstm = nn.LSTM(channels, channels, bidirectional=True, batch_first=True)
             self.query_cell = nn.LSTMCell(channels, 2 * channels)  # its hidden state is [h, r] (Appendix A.2)
@@ -47,7 +52,7 @@ class MatchingNetwork(nn.Module):
         if self.fce:
             support, query = self._contextual(support, query)
         similarity = nn.functional.normalize(query, dim=-1) @ nn.functional.normalize(support, dim=-1).t()
-        attention = similarity.softmax(dim=-1)  # (queries, support)
+        attention = (self.log_scale.exp() * similarity).softmax(dim=-1)  # (queries, support)
         probabilities = attention @ nn.functional.one_hot(support_y, ways).to(attention.dtype)
         return probabilities.clamp_min(1e-12).log()
 

@@ -315,11 +315,15 @@ def test_matching_network_attends_over_the_support_set():
     log_p = net(support, labels, support[order])
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(5))
     assert torch.equal(log_p.argmax(-1), labels[order])
+    with torch.no_grad():  # unscaled cosines cap a 5-way attention at e / (e + 4 / e) ~ 0.65; the scale lifts it
+        net.log_scale.fill_(torch.tensor(1000.0).log())
+    assert net(support, labels, support[order]).exp().max(-1).values.min() > 0.99
     fce = MatchingNetwork(channels=8, fce=True, processing_steps=3)
     episode = Episode(support, labels, support[order], labels[order])
     episode_loss(fce, dict(fce.named_parameters()), episode).meta_loss.backward()
     for module in (fce.support_lstm, fce.query_cell, fce.embed):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert fce.log_scale.grad is not None and fce.log_scale.grad != 0
 
 
 @needs_omniglot
