@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [measure(name, args.size, args.repeats) for name in args.nets]
     command = "python " + shlex.join([sys.argv[0], *sys.argv[1:]])
-    lines = [f"Command: `{command}`  ", f"Hardware: {hardware()}, one torch thread", "",
+    lines = [f"Command: `{command}`  ", f"Hardware: {hardware()}", "",
              "| net | hidden x layers | FLOPs / parameter | state bytes / parameter (float32 / bfloat16 h, c) "
              f"| step at {args.size:,} parameters | / Adam's | best held-out score (iteration) | trained on |",
              "|---|---|---|---|---|---|---|---|"]
