@@ -6,6 +6,7 @@ The folders ``omniglot-py/images_{background,evaluation}`` under the data root a
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from learnedopt._files import write_atomically
 from learnedopt_experiments.data import CACHE_ROOT, DataNotFoundError, candidate_roots, data_not_found
 
 __all__ = ["Omniglot", "load_omniglot"]
@@ -78,7 +80,8 @@ def load_omniglot(data_dir: str | os.PathLike[str] | None = None, size: int = 28
             # the PNGs draw ink in black on white; store ink as 1
             images[i, j] = 255 - torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(size, size)
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"names": names, "signature": signature, "images": images}, tmp)
-    os.replace(tmp, cache)
+    # a unique temporary name: two runs started together both build the cache, and neither may fail
+    buffer = io.BytesIO()
+    torch.save({"names": names, "signature": signature, "images": images}, buffer)
+    write_atomically(cache, buffer.getbuffer())
     return Omniglot(images.float() / 255.0, names, root)

@@ -278,6 +278,26 @@ def test_omniglot_cache_is_keyed_by_root_and_contents(tmp_path, monkeypatch):
     assert not torch.equal(first, second)
 
 
+def test_omniglot_cache_survives_two_runs_building_it_at_once(tmp_path, monkeypatch):
+    """Two runs started together both build the cache; the one that finishes second must not fail."""
+    import learnedopt_experiments.baselines.omniglot as data
+
+    monkeypatch.setattr(data, "CACHE_ROOT", tmp_path / "cache")
+    _fake_omniglot(tmp_path / "a", 20)
+    save, nested = torch.save, []
+
+    def save_while_another_run_builds(obj, f):
+        save(obj, f)
+        if not nested:  # the other run builds and writes its cache before this one has moved its own in place
+            nested.append(None)
+            nested[0] = data.load_omniglot(tmp_path / "a")
+
+    monkeypatch.setattr(data.torch, "save", save_while_another_run_builds)
+    first = data.load_omniglot(tmp_path / "a")
+    assert torch.equal(first.images, nested[0].images)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["omniglot-28.pt"]
+
+
 def test_public_checkpoint_loader_and_eval_defaults_to_its_own_inner_steps():
     from learnedopt_experiments.baselines import evaluate, load_checkpoint
 
