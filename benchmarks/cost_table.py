@@ -53,6 +53,8 @@ METHODS: dict[str, tuple[str, str]] = {
     "MAML, second order (3 SGD steps at test)": ("omniglot", "120 min (results/fewshot.md)"),
     "MAML, first order (3 SGD steps at test)": ("omniglot", "14 min (results/fewshot.md)"),
     "ProtoNet": ("omniglot", "60 min (results/fewshot.md)"),
+    "Matching networks (no FCE)": ("omniglot", "19 min (results/fewshot.md)"),
+    "meta-learner LSTM (Ravi & Larochelle; 5 gated steps)": ("omniglot", "50 min (results/fewshot.md)"),
     "MAML, SGD inner rule (5 steps at test)": ("sinusoid", "7 min (results/fewshot.md)"),
     "MAML with the LSTM inner rule (5 steps at test)": ("sinusoid", "7 min (results/fewshot.md)"),
     "pre-trained regressor + 5 SGD steps (the MAML paper's baseline)": ("sinusoid", "7 min (results/fewshot.md)"),
@@ -97,6 +99,12 @@ def _protonet() -> tuple[Adapter, Predictor]:
     return adapt_one, lambda support, episode: prototype_logits(support, episode.support_y, model(episode.query_x), 5)
 
 
+def _matching() -> tuple[Adapter, Predictor]:
+    model, _, _ = load_checkpoint(CHECKPOINTS / "matching-omniglot-5w1s.pt")
+    # nothing is adapted: the support set is read, together with the queries, at inference
+    return lambda episode: None, lambda _, episode: model(episode.support_x, episode.support_y, episode.query_x)
+
+
 def _method(name: str, body_path: str) -> tuple[Adapter, Predictor]:
     if name.startswith("Adam"):
         return _fine_tuner(body_path, lambda p: torch.optim.Adam(p, lr=1e-3))
@@ -110,6 +118,10 @@ def _method(name: str, body_path: str) -> tuple[Adapter, Predictor]:
         return _maml("fomaml-omniglot-5w1s.pt", 3)
     if name == "ProtoNet":
         return _protonet()
+    if name.startswith("Matching"):
+        return _matching()
+    if name.startswith("meta-learner LSTM"):
+        return _maml("metalstm-omniglot-5w1s.pt", 5)
     if name.startswith("MAML, SGD"):
         return _maml("maml-sinusoid-5shot.pt", SINUSOID_STEPS)
     if name.startswith("MAML with the LSTM"):
