@@ -85,7 +85,8 @@ class FewShotConfig:
                        "set, an attention LSTM for queries)", matching=True)
     processing_steps: int = _field(5, "matching networks with FCE: the attention LSTM's reading steps", matching=True)
     strided: bool | None = None  # Conv-4 with stride-2 convolutions (MAML's) instead of max-pooling (ProtoNet's)
-    lr_halving: int = -1  # halve the meta learning rate every N iterations (0: never; -1: the algorithm's)
+    lr_halving: int = _field(-1, "halve the meta learning rate every N iterations (0: never; -1: the algorithm's: "
+                             "2000 for ProtoNet, never for MAML and matching networks); may change on --resume")
     eval_every: int = _field(500, "validation period (iterations)")
     checkpoint_every: int = _field(500, "checkpoint period (iterations)")
     seed: int = _field(0, "seed of every random choice of the run")
