@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import learnedopt
+from learnedopt._files import write_atomically
 from learnedopt_experiments.meta_train.mnist import load_mnist
 from learnedopt_experiments.meta_train.reports import hardware
 
@@ -417,9 +417,7 @@ class Cache:
             result = run(loop, optimizer, seed)
             self.runs = {**self._read(), **self.runs, key: result}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.runs))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps(self.runs).encode())
         return self.runs[key]
 
 
