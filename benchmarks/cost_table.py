@@ -54,7 +54,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "MAML, first order (3 SGD steps at test)": ("omniglot", "14 min (results/fewshot.md)"),
     "ProtoNet": ("omniglot", "60 min (results/fewshot.md)"),
     "Matching networks (no FCE)": ("omniglot", "19 min (results/fewshot.md)"),
-    "meta-learner LSTM (Ravi & Larochelle; 5 gated steps)": ("omniglot", "50 min (results/fewshot.md)"),
+    "meta-learner LSTM (Ravi & Larochelle; 5 gated steps)": ("omniglot", "122 min (results/fewshot.md)"),
     "MAML, SGD inner rule (5 steps at test)": ("sinusoid", "7 min (results/fewshot.md)"),
     "MAML with the LSTM inner rule (5 steps at test)": ("sinusoid", "7 min (results/fewshot.md)"),
     "pre-trained regressor + 5 SGD steps (the MAML paper's baseline)": ("sinusoid", "7 min (results/fewshot.md)"),
@@ -121,7 +121,7 @@ def _method(name: str, body_path: str) -> tuple[Adapter, Predictor]:
     if name.startswith("Matching"):
         return _matching()
     if name.startswith("meta-learner LSTM"):
-        return _maml("metalstm-omniglot-5w1s.pt", 5)
+        return _maml("metalstm-omniglot-5w1s-122min.pt", 5)
     if name.startswith("MAML, SGD"):
         return _maml("maml-sinusoid-5shot.pt", SINUSOID_STEPS)
     if name.startswith("MAML with the LSTM"):
