@@ -3,8 +3,8 @@
     python benchmarks/front.py RUN_OR_NET [RUN_OR_NET ...] [--out results/front] [--size 1000000]
 
 For each net (a run folder, a ``net.pt`` or a packaged name): its size, FLOPs and hidden-state bytes per
-parameter (float32 and bfloat16), the median ``LearnedOptimizer`` step at ``--size`` parameters against
-``Adam(foreach=True)``'s measured alternately in the same run, and its quality as the meta-trainer's best
+parameter (float32 and bfloat16), the median ``LearnedOptimizer`` step at ``--size`` parameters with a float32
+and a bfloat16 hidden state against ``Adam(foreach=True)``'s, measured alternately in the same run, and its quality as the meta-trainer's best
 held-out score (mean log-ratio of final loss to tuned Adam on the tuning tasks; < 0 beats Adam) with the
 iteration and wall-clock at which it was reached. Writes ``OUT.md`` (table) and ``OUT.png`` (the front).
 """
@@ -35,17 +35,20 @@ def measure(name: str, size: int, repeats: int) -> dict:
     info = learnedopt.net_info(name)
     params = _params(size, "cpu")
     lstm = learnedopt.LearnedOptimizer(params, net=net)
+    lstm16 = learnedopt.LearnedOptimizer(params, net=net, state_dtype=torch.bfloat16)
     adam = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    t_lstm, t_adam = [], []
-    for _ in range(repeats):  # alternating, so that a busy neighbour slows both alike
+    t_lstm, t_lstm16, t_adam = [], [], []
+    for _ in range(repeats):  # alternating, so that a busy neighbour slows all alike
         t_lstm.append(median_time(lstm.step, 3, "cpu"))
+        t_lstm16.append(median_time(lstm16.step, 3, "cpu"))
         t_adam.append(median_time(adam.step, 3, "cpu"))
     history = info.get("history", [])
     best = min(history, key=lambda h: h["eval/score"]) if history else {}
     c = net.config
     return {"name": name, "arch": f"{c.hidden_size} x {c.num_layers}", "flops": lstm_flops_per_coordinate(net),
             "bytes32": state_bytes(net, torch.float32), "bytes16": state_bytes(net, torch.bfloat16),
-            "lstm_ms": 1e3 * sorted(t_lstm)[len(t_lstm) // 2], "adam_ms": 1e3 * sorted(t_adam)[len(t_adam) // 2],
+            "lstm_ms": 1e3 * sorted(t_lstm)[len(t_lstm) // 2],
+            "lstm16_ms": 1e3 * sorted(t_lstm16)[len(t_lstm16) // 2], "adam_ms": 1e3 * sorted(t_adam)[len(t_adam) // 2],
             "score": best.get("eval/score", float("nan")), "iteration": best.get("iteration"),
             "evaluations": len(history), "task": info.get("task", "?")}
 
@@ -62,11 +65,13 @@ def main() -> None:
     command = "python " + shlex.join([sys.argv[0], *sys.argv[1:]])
     lines = [f"Command: `{command}`  ", f"Hardware: {hardware()}", "",
              "| net | hidden x layers | FLOPs / parameter | state bytes / parameter (float32 / bfloat16 h, c) "
-             f"| step at {args.size:,} parameters | / Adam's | best held-out score (iteration) | trained on |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| step at {args.size:,} parameters | / Adam's | bfloat16 h, c: step, / Adam's "
+             "| best held-out score (iteration) | trained on |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['arch']} | {r['flops']:,} | {r['bytes32']} / {r['bytes16']} "
-                     f"| {r['lstm_ms']:.1f} ms | {r['lstm_ms'] / r['adam_ms']:.0f}x | {r['score']:+.3f} "
+                     f"| {r['lstm_ms']:.1f} ms | {r['lstm_ms'] / r['adam_ms']:.0f}x "
+                     f"| {r['lstm16_ms']:.1f} ms, {r['lstm16_ms'] / r['adam_ms']:.0f}x | {r['score']:+.3f} "
                      f"({r['iteration']}) | {r['task']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
