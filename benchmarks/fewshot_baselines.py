@@ -1,6 +1,7 @@
 """Non-meta-learned few-shot baselines on Omniglot test episodes, for results/fewshot.md.
 
     python benchmarks/fewshot_baselines.py [--episodes 200] [--pretrain-epochs 1] [--steps 50]
+        [--inits "random init" pre-trained] [--optimizers Adam SGD] [--settings 5:1 5:5 20:1 20:5]
 
 Rows: nearest neighbour in pixel space; a Conv-4 fine-tuned on each support set with Adam and with SGD, from a
 random initialization and from a network pre-trained as an ordinary classifier over all training classes (the
@@ -84,11 +85,15 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--settings", nargs="+", default=["5:1", "5:5", "20:1", "20:5"], help="WAYS:SHOTS")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--inits", nargs="+", choices=["random init", "pre-trained"],
+                        default=["random init", "pre-trained"], help="fine-tuning rows: the Conv-4's starting weights")
+    parser.add_argument("--optimizers", nargs="+", choices=list(GRID), default=list(GRID), help="fine-tuning rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_omniglot()
     started = time.perf_counter()
-    bodies = {"random init": conv4(None, args.channels), "pre-trained": pretrain(data, args.pretrain_epochs, args.channels, 0)}
+    bodies = {init: conv4(None, args.channels) if init == "random init" else pretrain(data, args.pretrain_epochs, args.channels, 0)
+              for init in args.inits}
     pretrain_minutes = (time.perf_counter() - started) / 60
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     rows: dict[str, list[str]] = {"nearest neighbour (pixels)": []}
@@ -99,7 +104,8 @@ def main() -> None:
         val_eps = [val.sample(torch.Generator().manual_seed(10_000 + i)) for i in range(args.val_episodes)]
         rows["nearest neighbour (pixels)"].append(_cell([nearest_neighbour(e) for e in test_eps]))
         for init, body in bodies.items():
-            for opt_name, grid in GRID.items():
+            for opt_name in args.optimizers:
+                grid = GRID[opt_name]
                 lr = max(grid, key=lambda lr: sum(fine_tune(body, e, ways, opt_name, lr, args.steps) for e in val_eps))
                 scores = [fine_tune(body, e, ways, opt_name, lr, args.steps) for e in test_eps]
                 rows.setdefault(f"fine-tune {init}, {opt_name}", []).append(_cell(scores) + f" (lr {lr:g})")
