@@ -27,6 +27,7 @@ from learnedopt_experiments.baselines.models import conv4
 from learnedopt_experiments.baselines.omniglot import load_omniglot
 
 GRID = {"Adam": [1e-4, 1e-3, 1e-2], "SGD": [1e-2, 1e-1, 1.0]}
+INITS = ["random init", "pre-trained"]  # the fine-tuned Conv-4's starting weights
 
 
 def nearest_neighbour(episode: Episode) -> float:
@@ -85,15 +86,14 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--settings", nargs="+", default=["5:1", "5:5", "20:1", "20:5"], help="WAYS:SHOTS")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--inits", nargs="+", choices=["random init", "pre-trained"],
-                        default=["random init", "pre-trained"], help="fine-tuning rows: the Conv-4's starting weights")
+    parser.add_argument("--inits", nargs="+", choices=INITS, default=INITS, help="fine-tuning rows")
     parser.add_argument("--optimizers", nargs="+", choices=list(GRID), default=list(GRID), help="fine-tuning rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_omniglot()
     started = time.perf_counter()
-    bodies = {init: conv4(None, args.channels) if init == "random init" else pretrain(data, args.pretrain_epochs, args.channels, 0)
-              for init in args.inits}
+    bodies = {init: pretrain(data, args.pretrain_epochs, args.channels, 0) if init == "pre-trained"
+              else conv4(None, args.channels) for init in args.inits}
     pretrain_minutes = (time.perf_counter() - started) / 60
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     rows: dict[str, list[str]] = {"nearest neighbour (pixels)": []}

@@ -4,8 +4,8 @@
 
 For each net (a run folder, a ``net.pt`` or a packaged name): its size, FLOPs and hidden-state bytes per
 parameter (float32 and bfloat16), the median ``LearnedOptimizer`` step at ``--size`` parameters with a float32
-and a bfloat16 hidden state against ``Adam(foreach=True)``'s, measured alternately in the same run, and its quality as the meta-trainer's best
-held-out score (mean log-ratio of final loss to tuned Adam on the tuning tasks; < 0 beats Adam) with the
+and a bfloat16 hidden state against ``Adam(foreach=True)``'s, measured alternately in the same run, and its
+quality as the meta-trainer's best held-out score (mean log-ratio of final loss to tuned Adam on the tuning tasks; < 0 beats Adam) with the
 iteration and wall-clock at which it was reached. Writes ``OUT.md`` (table) and ``OUT.png`` (the front).
 """
 
@@ -30,6 +30,11 @@ def state_bytes(net: learnedopt.CoordinatewiseLSTM, dtype: torch.dtype) -> int:
     return sum(torch.Size(s).numel() * (size if k in ("h", "c") else 4) for k, s in shapes.items())
 
 
+def _middle_ms(seconds: list[float]) -> float:
+    """The middle of the repeats' times (the upper one of an even count), in milliseconds."""
+    return 1e3 * sorted(seconds)[len(seconds) // 2]
+
+
 def measure(name: str, size: int, repeats: int) -> dict:
     net = learnedopt.load_net(name)
     info = learnedopt.net_info(name)
@@ -47,8 +52,7 @@ def measure(name: str, size: int, repeats: int) -> dict:
     c = net.config
     return {"name": name, "arch": f"{c.hidden_size} x {c.num_layers}", "flops": lstm_flops_per_coordinate(net),
             "bytes32": state_bytes(net, torch.float32), "bytes16": state_bytes(net, torch.bfloat16),
-            "lstm_ms": 1e3 * sorted(t_lstm)[len(t_lstm) // 2],
-            "lstm16_ms": 1e3 * sorted(t_lstm16)[len(t_lstm16) // 2], "adam_ms": 1e3 * sorted(t_adam)[len(t_adam) // 2],
+            "lstm_ms": _middle_ms(t_lstm), "lstm16_ms": _middle_ms(t_lstm16), "adam_ms": _middle_ms(t_adam),
             "score": best.get("eval/score", float("nan")), "iteration": best.get("iteration"),
             "evaluations": len(history), "task": info.get("task", "?")}
 
