@@ -8,8 +8,8 @@ sequence models (a transformer and an LSTM on a copy task, a GRU on real text), 
 full-batch problems (Rosenbrock, matrix factorization). Each optimizer sees the same initializations and minibatches. Baselines: Adam at
 lr=1e-3, and Adam and Nesterov SGD (momentum 0.9) at the learning rate that scores best on a separate tuning seed.
 A run is scored by its loss on a fixed evaluation set (never the last minibatch), plus test accuracy where a test
-set exists. Results are cached per (loop, optimizer, seed) in ``OUT/runs.json``, so a new net reruns only its own
-rows; ``results/drop_in.md`` and ``results/drop_in.png`` are rewritten from the cache.
+set exists. Results are cached per (loop, optimizer, seed) in ``OUT/runs.json`` (a net keyed by a digest of its
+weights, not its path), so a new net reruns only its own rows; ``results/drop_in.md`` and ``results/drop_in.png`` are rewritten from the cache.
 
 Time to target (issue 20): every run records the training wall-clock (evaluations excluded) at each evaluation,
 so the report gives, per loop, the whole training step's cost ratio and the time each side needs to reach the
@@ -22,6 +22,8 @@ one process, one after another, on one thread.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import shlex
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 
 import learnedopt
 from learnedopt._files import write_atomically
+from learnedopt.optimizer import net_identity
 from learnedopt_experiments.meta_train.mnist import load_mnist
 from learnedopt_experiments.meta_train.reports import hardware
 
@@ -397,6 +400,17 @@ def time_to(run: dict, target: float, key: str = "seconds") -> float | None:
     return None
 
 
+@functools.cache
+def cache_name(optimizer: str) -> str:
+    """The optimizer's name in cache keys: a learned net by what it is (its architecture and a digest of its
+    weights), not by its path, so that a net file rewritten in place is run again instead of served stale runs."""
+    kind, _, value = optimizer.partition(":")
+    if kind != "net":
+        return optimizer
+    identity = json.dumps(net_identity(learnedopt.load_net(value)), sort_keys=True)
+    return "net#" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 class Cache:
     """Runs keyed by loop, optimizer and seed, saved after every run (an interrupted benchmark loses nothing).
 
@@ -412,7 +426,7 @@ class Cache:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, loop: Loop, optimizer: str, seed: int) -> dict:
-        key = f"{loop.name}|{loop.steps}|{optimizer}|{seed}|e{EVAL_POINTS}"
+        key = f"{loop.name}|{loop.steps}|{cache_name(optimizer)}|{seed}|e{EVAL_POINTS}"
         if key not in self.runs:
             result = run(loop, optimizer, seed)
             self.runs = {**self._read(), **self.runs, key: result}

@@ -5,7 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+import learnedopt
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import drop_in
+finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_drop_in_benchmark_writes_a_report_and_reuses_cached_runs(tmp_path):
@@ -21,18 +30,27 @@ def test_drop_in_benchmark_writes_a_report_and_reuses_cached_runs(tmp_path):
     runs = json.loads((tmp_path / "cache" / "runs.json").read_text())
     tuning = [k for k in runs if k.split("|")[3] == "1000"]
     assert len(tuning) == 4 * (6 + 7)  # Adam's and NAG's grids on the tuning seed, for every loop
-    assert {k.split("|")[2] for k in runs if k.split("|")[3] == "0"} >= {"adam:0.001", "net:general-lstm"}
+    assert {k.split("|")[2] for k in runs if k.split("|")[3] == "0"} >= {"adam:0.001", drop_in.cache_name("net:general-lstm")}
     assert "## Time to target: `general-lstm` against tuned Adam" in report
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and json.loads((tmp_path / "cache" / "runs.json").read_text()) == runs
 
 
+def test_cache_keys_a_net_by_its_weights_not_its_path(tmp_path):
+    net = learnedopt.load_net("general-lstm")
+    learnedopt.save_net(net, tmp_path / "net.pt")
+    same = drop_in.cache_name(f"net:{tmp_path / 'net.pt'}")
+    assert same == drop_in.cache_name("net:general-lstm") and same.startswith("net#")
+    with torch.no_grad():
+        next(net.parameters()).add_(0.01)
+    learnedopt.save_net(net, tmp_path / "net.pt")  # rewritten in place: its cached runs must not be reused
+    drop_in.cache_name.cache_clear()
+    assert drop_in.cache_name(f"net:{tmp_path / 'net.pt'}") != same
+    assert drop_in.cache_name("adam:0.001") == "adam:0.001"
+
+
 def test_time_to_target_interpolates_between_evaluations():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from drop_in import time_to
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    time_to = drop_in.time_to
     run = {"curve": [4.0, 2.0, 1.0, 1.5], "steps": [0, 10, 20, 30], "seconds": [0.0, 1.0, 2.0, 3.0]}
     assert time_to(run, 1.5) == 1.5 and time_to(run, 1.5, "steps") == 15.0
     assert time_to(run, 5.0) == 0.0 and time_to(run, 2.0) == 1.0
