@@ -34,6 +34,13 @@ def test_drop_in_benchmark_writes_a_report_and_reuses_cached_runs(tmp_path):
     assert "## Time to target: `general-lstm` against tuned Adam" in report
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and json.loads((tmp_path / "cache" / "runs.json").read_text()) == runs
+    selection = subprocess.run([*args[:-2], "--selection", "--report", str(tmp_path / "selection.md")],
+                               capture_output=True, text=True, cwd=ROOT)
+    assert selection.returncode == 0, selection.stderr
+    assert "| `general-lstm` |" in (tmp_path / "selection.md").read_text()
+    tuned = json.loads((tmp_path / "cache" / "runs.json").read_text())
+    assert set(tuned) - set(runs) == {k.replace("|0|", "|1000|") for k in runs
+                                      if drop_in.cache_name("net:general-lstm") in k}  # only the net's new runs
 
 
 def test_cache_keys_a_net_by_its_weights_not_its_path(tmp_path):
