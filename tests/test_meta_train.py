@@ -123,3 +123,29 @@ def test_quadratic_family_matches_its_definition():
     theta.requires_grad_()
     (g,) = torch.autograd.grad(task.loss({"theta": theta}).sum(), theta)
     torch.testing.assert_close(g[1], 2 * task.W[1].T @ (task.W[1] @ theta[1] - task.y[1]))
+
+
+def test_selection_runs_tuned_adam_once_and_scores_it_as_a_rerun_would(monkeypatch):
+    from learnedopt import CoordinatewiseLSTM, LSTMConfig
+    from learnedopt.meta import selection as selection_module
+    from learnedopt.meta.selection import Selection
+
+    config = tiny_config(eval_lengths=(20,))
+    selection, net = Selection(QuadraticFamily(), config), CoordinatewiseLSTM(LSTMConfig(hidden_size=4))
+    first = selection.evaluate(net)  # tunes Adam: its grid runs here
+    calls = {"n": 0}
+    original = selection_module.run_rule
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(selection_module, "run_rule", counting)
+    assert selection.evaluate(net) == first and calls["n"] == 1  # the net's run only
+    task = QuadraticFamily().sample(config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+    lr = selection.adam_lrs["quadratic@20"]
+    assert selection.adam_scores["quadratic@20"] == final_score(task, run_rule(task, BASELINES["Adam"](lr), 20, TUNE_SEED))
+    old = {k: v for k, v in selection.state_dict().items() if k != "adam_scores"}  # a checkpoint from before
+    resumed = Selection(QuadraticFamily(), config)
+    resumed.load_state_dict(old)
+    assert resumed.evaluate(net) == first and calls["n"] == 3  # the net, and Adam once to refill its score

@@ -21,27 +21,32 @@ __all__ = ["Selection"]
 
 
 class Selection:
-    """Held-out scores and their history, the best score so far, Adam's tuned rates, the curriculum's stage.
+    """Held-out scores and their history, the best score so far, Adam's tuned rates and scores, the curriculum's
+    stage.
 
-    :meth:`state_dict` is what a checkpoint keeps of it (the keys ``best_score``, ``adam_lrs``, ``history`` and
-    ``curriculum``).
+    :meth:`state_dict` is what a checkpoint keeps of it (the keys ``best_score``, ``adam_lrs``, ``adam_scores``,
+    ``history`` and ``curriculum``). Adam's runs on the tuning tasks are deterministic, so each is run once (in its
+    learning-rate search) and its score kept: an evaluation then runs only the net.
     """
 
     def __init__(self, family: TaskFamily, config: MetaTrainConfig) -> None:
         self.family, self.config = family, config
         self.best_score = math.inf
         self.adam_lrs: dict[str, float] = {}
+        self.adam_scores: dict[str, float] = {}  # tuned Adam's score per f"{family}@{steps}"
         self.history: list[dict[str, float]] = []
         self.stage = 0  # index into (horizon, *curriculum)
         self.stage_best = math.inf
         self.stale = 0  # evaluations since the stage's score last improved
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "adam_lrs": self.adam_lrs, "history": self.history,
+        return {"best_score": self.best_score, "adam_lrs": self.adam_lrs, "adam_scores": self.adam_scores,
+                "history": self.history,
                 "curriculum": {"stage": self.stage, "stage_best": self.stage_best, "stale": self.stale}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_score, self.adam_lrs, self.history = state["best_score"], state["adam_lrs"], state["history"]
+        self.adam_scores = state.get("adam_scores", {})  # checkpoints from before the scores were kept: rerun once
         stage = state["curriculum"]
         self.stage, self.stage_best, self.stale = stage["stage"], stage["stage_best"], stage["stale"]
 
@@ -66,8 +71,19 @@ class Selection:
         key = f"{family.name}@{steps}"
         if key not in self.adam_lrs:
             task = family.sample(self.config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
-            self.adam_lrs[key], _ = tune_lr(task, BASELINES["Adam"], steps)
+            self.adam_lrs[key], scores = tune_lr(task, BASELINES["Adam"], steps)
+            self.adam_scores[key] = scores[self.adam_lrs[key]]
         return self.adam_lrs[key]
+
+    def adam_score(self, family: TaskFamily, steps: int) -> float:
+        """Tuned Adam's median final loss on ``family``'s tuning tasks after ``steps``, computed once."""
+        key = f"{family.name}@{steps}"
+        if key not in self.adam_scores:
+            lr = self.adam_lr(family, steps)
+            if key not in self.adam_scores:  # the rate came from a checkpoint that kept no scores
+                task = family.sample(self.config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+                self.adam_scores[key] = final_score(task, run_rule(task, BASELINES["Adam"](lr), steps, TUNE_SEED))
+        return self.adam_scores[key]
 
     def evaluate(self, net: CoordinatewiseLSTM) -> dict[str, float]:
         """Score ``net`` against tuned Adam on held-out tuning tasks.
@@ -84,8 +100,7 @@ class Selection:
             for steps in self.eval_lengths():
                 key = f"{family.name}@{steps}"
                 lstm = final_score(task, run_rule(task, rule, steps, TUNE_SEED))
-                adam_rule = BASELINES["Adam"](self.adam_lr(family, steps))
-                adam = final_score(task, run_rule(task, adam_rule, steps, TUNE_SEED))
+                adam = self.adam_score(family, steps)
                 scores[f"eval/lstm_final_loss/{key}"] = lstm
                 scores[f"eval/ratio_to_adam/{key}"] = lstm / adam
                 log_ratios.append(math.log(lstm / adam) if lstm > 0 and math.isfinite(lstm) else math.inf)
