@@ -544,7 +544,7 @@ def time_to_target(row: dict, net: str, cache_search: list[dict]) -> dict:
         reverse.append(back / ada["seconds"][-1] if back is not None else math.inf)
     return {"step_cost": _median(step_cost), "ratio": _median(ratios), "with_search": _median(with_search),
             "reverse": _median(reverse),
-            "adam_steps": None if any(a is None for a in adam_steps) else _median([a for a in adam_steps if a])}
+            "adam_steps": [a for a in adam_steps if a is not None], "seeds": len(adam_steps)}
 
 
 def time_to_target_section(rows: list[dict], nets: list[str]) -> list[str]:
@@ -565,7 +565,9 @@ def time_to_target_section(rows: list[dict], nets: list[str]) -> list[str]:
             "|---|---|---|---|---|---|",
         ]
         for r, f in figures:
-            steps = "never" if f["adam_steps"] is None else f"{f['adam_steps']:.0f}"
+            never = f["seeds"] - len(f["adam_steps"])
+            steps = "never" if not f["adam_steps"] else f"{_median(f['adam_steps']):.0f}" + (
+                f" (never on {never} of {f['seeds']} seeds)" if never else "")
             ratio = "— (Adam never gets there)" if f["ratio"] == 0 else f"{f['ratio']:.2f}"
             reverse = "never" if math.isinf(f["reverse"]) else f"{f['reverse']:.2f}"
             lines.append(f"| {r['loop'].name} | {f['step_cost']:.1f}x | {steps} | {ratio} | {f['with_search']:.2f} "
