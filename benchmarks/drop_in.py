@@ -594,10 +594,11 @@ def selection_report(rows: list[dict], nets: list[str], command: str) -> str:
     table = []
     for net in nets:
         figures = [time_to_target(r, net, r["search"]) for r in rows]
-        losses = [(_row_stats(r["results"][net])["final"] / _row_stats(r["results"]["Adam tuned"])["final"],
-                   r["loop"].name) for r in rows]
+        stats = [_row_stats(r["results"][net]) for r in rows]
+        losses = [(s["final"] / _row_stats(r["results"]["Adam tuned"])["final"], r["loop"].name)
+                  for s, r in zip(stats, rows)]
         worst = max(losses)
-        drifting = sum(_row_stats(r["results"][net])["drift"] > 1.2 for r in rows)
+        drifting = sum(s["drift"] > 1.2 for s in stats)
         table.append((_median([f["ratio"] for f in figures]), net, _median([f["with_search"] for f in figures]),
                       _median([v for v, _ in losses]), worst, sum(v <= 1.0 for v, _ in losses), drifting))
     for ratio, net, searched, median_loss, worst, wins, drifting in sorted(table):

@@ -15,7 +15,7 @@ import torch
 from ..lstm import CoordinatewiseLSTM, LSTMRule
 from .config import MetaTrainConfig
 from .evaluation import BASELINES, TUNE_SEED, final_score, run_rule, tune_lr
-from .tasks import TaskFamily
+from .tasks import Task, TaskFamily
 
 __all__ = ["Selection"]
 
@@ -66,11 +66,14 @@ class Selection:
         lengths = cfg.eval_lengths or (cfg.horizon, 2 * cfg.horizon, *cfg.curriculum[-1:])
         return tuple(sorted(set(lengths)))
 
+    def _tuning_task(self, family: TaskFamily) -> Task:
+        return family.sample(self.config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+
     def adam_lr(self, family: TaskFamily, steps: int) -> float:
         """Adam's best learning rate for ``family`` at ``steps``, tuned once on the tuning tasks and cached."""
         key = f"{family.name}@{steps}"
         if key not in self.adam_lrs:
-            task = family.sample(self.config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+            task = self._tuning_task(family)
             self.adam_lrs[key], scores = tune_lr(task, BASELINES["Adam"], steps)
             self.adam_scores[key] = scores[self.adam_lrs[key]]
         return self.adam_lrs[key]
@@ -78,11 +81,10 @@ class Selection:
     def adam_score(self, family: TaskFamily, steps: int) -> float:
         """Tuned Adam's median final loss on ``family``'s tuning tasks after ``steps``, computed once."""
         key = f"{family.name}@{steps}"
-        if key not in self.adam_scores:
-            lr = self.adam_lr(family, steps)
-            if key not in self.adam_scores:  # the rate came from a checkpoint that kept no scores
-                task = family.sample(self.config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
-                self.adam_scores[key] = final_score(task, run_rule(task, BASELINES["Adam"](lr), steps, TUNE_SEED))
+        lr = self.adam_lr(family, steps)  # a new search records the score too
+        if key not in self.adam_scores:  # the rate came from a checkpoint that kept no scores
+            task = self._tuning_task(family)
+            self.adam_scores[key] = final_score(task, run_rule(task, BASELINES["Adam"](lr), steps, TUNE_SEED))
         return self.adam_scores[key]
 
     def evaluate(self, net: CoordinatewiseLSTM) -> dict[str, float]:
@@ -96,7 +98,7 @@ class Selection:
         scores: dict[str, float] = {}
         log_ratios = []
         for family in self.family.components():
-            task = family.sample(self.config.eval_tasks, torch.Generator().manual_seed(TUNE_SEED))
+            task = self._tuning_task(family)
             for steps in self.eval_lengths():
                 key = f"{family.name}@{steps}"
                 lstm = final_score(task, run_rule(task, rule, steps, TUNE_SEED))
