@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 import learnedopt
 from learnedopt._files import write_atomically
-from learnedopt.optimizer import net_identity
+from learnedopt.optimizer import ANNEAL_AFTER, net_identity
 from learnedopt_experiments.meta_train.mnist import load_mnist
 from learnedopt_experiments.meta_train.reports import hardware
 
@@ -333,6 +333,15 @@ LOOPS = [
 
 
 # -- running -----------------------------------------------------------------------------------------------------
+def net_spec(value: str) -> tuple[str, int | None]:
+    """A ``--nets`` entry, ``NET`` or ``NET@anneal=N|off``: the net and its ``anneal_after`` (default: the
+    optimizer's)."""
+    net, _, anneal = value.partition("@anneal=")
+    if not anneal:
+        return net, ANNEAL_AFTER
+    return net, None if anneal == "off" else int(anneal)
+
+
 def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     kind, _, value = name.partition(":")
     if kind == "adam":
@@ -340,7 +349,8 @@ def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimi
     if kind == "nag":
         return torch.optim.SGD(params, lr=float(value), momentum=0.9, nesterov=True)
     if kind == "net":
-        return learnedopt.LearnedOptimizer(params, net=value)
+        net, anneal_after = net_spec(value)
+        return learnedopt.LearnedOptimizer(params, net=net, anneal_after=anneal_after)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -408,8 +418,19 @@ def cache_name(optimizer: str) -> str:
     kind, _, value = optimizer.partition(":")
     if kind != "net":
         return optimizer
-    identity = json.dumps(net_identity(learnedopt.load_net(value)), sort_keys=True)
+    identity = json.dumps(net_identity(learnedopt.load_net(net_spec(value)[0])), sort_keys=True)
     return "net#" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def run_key(loop: Loop, optimizer: str, seed: int) -> str:
+    """A run's cache key. Annealing is named only where it acts (the loop is longer than ``anneal_after``):
+    a shorter run is the same run with or without it."""
+    name = cache_name(optimizer)
+    kind, _, value = optimizer.partition(":")
+    anneal_after = net_spec(value)[1] if kind == "net" else None
+    if anneal_after is not None and loop.steps > anneal_after:
+        name += f"~anneal{anneal_after}"
+    return f"{loop.name}|{loop.steps}|{name}|{seed}|e{EVAL_POINTS}"
 
 
 class Cache:
@@ -427,7 +448,7 @@ class Cache:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, loop: Loop, optimizer: str, seed: int) -> dict:
-        key = f"{loop.name}|{loop.steps}|{cache_name(optimizer)}|{seed}|e{EVAL_POINTS}"
+        key = run_key(loop, optimizer, seed)
         if key not in self.runs:
             result = run(loop, optimizer, seed)
             self.runs = {**self._read(), **self.runs, key: result}

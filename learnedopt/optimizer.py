@@ -30,7 +30,7 @@ from .lstm import CoordinatewiseLSTM, LSTMConfig, LSTMRule
 from .pretrained import payload_digest
 from .rules import UpdateRule, check_lr
 
-__all__ = ["RuleOptimizer", "LearnedOptimizer"]
+__all__ = ["RuleOptimizer", "LearnedOptimizer", "anneal_factor"]
 
 
 def net_identity(net: CoordinatewiseLSTM) -> dict[str, Any]:
@@ -42,6 +42,22 @@ def net_identity(net: CoordinatewiseLSTM) -> dict[str, Any]:
 def _check_weight_decay(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"Invalid weight_decay: {value!r} (expected a finite number >= 0)")
+
+
+ANNEAL_AFTER = 1000  # LearnedOptimizer's default; see its docstring
+
+
+def _check_anneal_after(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"Invalid anneal_after: {value!r} (expected an int >= 1, or None to never anneal)")
+
+
+def anneal_factor(step: int, anneal_after: int | None) -> float:
+    """The step-size factor at a parameter's ``step``-th update (1-based): 1 up to ``anneal_after``, then
+    ``sqrt(anneal_after / step)``, the classic rate for noise-dominated stochastic approximation."""
+    if anneal_after is None or step <= anneal_after:
+        return 1.0
+    return math.sqrt(anneal_after / step)
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -64,6 +80,10 @@ class RuleOptimizer(Optimizer):
     rule's nominal step size (e.g. the learning rate of an ``adam(lr)`` rule), so that a weight decay value means
     what it means for AdamW at that step size.
 
+    ``anneal_after`` (per param group too; default ``None``: never) scales a parameter's step, weight decay
+    included, by :func:`anneal_factor` of how many steps it has taken (``state[p]["steps_taken"]``), on top of
+    ``lr`` and any scheduler.
+
     Example:
         >>> import torch, learnedopt
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -75,19 +95,23 @@ class RuleOptimizer(Optimizer):
     _fixed_settings: dict[str, Any] = {}  # optimizer-wide settings shown in defaults; groups may not change them
 
     def __init__(self, params: Iterable[Any], rule: UpdateRule, lr: float = 1.0, *, weight_decay: float = 0.0,
-                 decay_scale: float = 1.0) -> None:
+                 decay_scale: float = 1.0, anneal_after: int | None = None) -> None:
         check_lr(lr)
         _check_weight_decay(weight_decay)
+        _check_anneal_after(anneal_after)
         if not (math.isfinite(decay_scale) and decay_scale > 0):
             raise ValueError(f"Invalid decay_scale: {decay_scale!r} (expected a finite number > 0)")
         self.rule, self.decay_scale = rule, decay_scale
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **self._fixed_settings})
+        defaults = {"lr": lr, "weight_decay": weight_decay, "anneal_after": anneal_after, **self._fixed_settings}
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "lr" in param_group:
             check_lr(param_group["lr"])
         if "weight_decay" in param_group:
             _check_weight_decay(param_group["weight_decay"])
+        if "anneal_after" in param_group:
+            _check_anneal_after(param_group["anneal_after"])
         for key, value in self._fixed_settings.items():
             if key in param_group and param_group[key] != value:
                 raise ValueError(f"{key} is set for the whole optimizer ({value!r}), not per param group")
@@ -136,12 +160,15 @@ class RuleOptimizer(Optimizer):
                 grads = [_local(cast(Tensor, p.grad)) for p in params]
                 # inplace: self.state holds the only reference to the old state, so a rule may overwrite it
                 updates, new_state = rule.update(grads, [self.state[p] for p in params], local, inplace=True)
-                shrink = 1.0 - float(group["lr"]) * self.decay_scale * float(group["weight_decay"])
                 for p, shard, u, s in zip(params, local, updates, new_state):
+                    taken = int(self.state[p].get("steps_taken", 0)) + 1
+                    lr = float(group["lr"]) * anneal_factor(taken, group.get("anneal_after"))
+                    shrink = 1.0 - lr * self.decay_scale * float(group["weight_decay"])
                     if shrink != 1.0:  # decoupled weight decay (AdamW), on the parameter before this step
                         shard.mul_(shrink)
-                    shard.add_(u, alpha=float(group["lr"]))
+                    shard.add_(u, alpha=lr)
                     self.state[p].update(s)
+                    self.state[p]["steps_taken"] = taken
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -192,6 +219,12 @@ class LearnedOptimizer(RuleOptimizer):
             timm's and Hugging Face's grouping do): each step first multiplies a parameter by
             ``1 - lr * output_scale * weight_decay``, ``output_scale`` being the net's nominal step (1e-3 for
             ``general-lstm``), so ``weight_decay=0.05`` decays as ``AdamW(lr=1e-3, weight_decay=0.05)`` does.
+        anneal_after: after this many steps of a parameter, its step (and weight decay) shrinks as
+            ``sqrt(anneal_after / t)`` at step ``t`` (:func:`anneal_factor`), also per param group; ``None``
+            runs the raw net. Why: the nets were meta-trained on runs of at most 500 steps, where big steps pay
+            off; run far longer, their steps keep that size and the loss stalls at a noise floor (10,000 steps
+            of an MNIST MLP: 6-12x tuned Adam's loss, results/drop_in.md). The default was chosen on the drop-in
+            suite's tuning seed; it needs no knowledge of the run's length and composes with any scheduler.
         state_dtype: dtype of the per-coordinate hidden state (default: the net's, float32).
         chunk_size: coordinates per LSTM call; all parameters of a group form one flat batch that is cut into
             chunks of this many rows (``benchmarks/step.py --chunk-size`` measures the best one for a device).
@@ -243,6 +276,7 @@ class LearnedOptimizer(RuleOptimizer):
         chunk_size: int = 16384,
         compile: bool = False,
         backend: str = "auto",
+        anneal_after: int | None = ANNEAL_AFTER,
     ) -> None:
         from .pretrained import DEFAULT_NET, load_net
 
@@ -264,7 +298,8 @@ class LearnedOptimizer(RuleOptimizer):
         }
         rule = LSTMRule(net, state_dtype, chunk_size, compile, backend)
         self._rules: dict[torch.device, LSTMRule] = {net.head.weight.device: rule}
-        super().__init__(params, rule, lr, weight_decay=weight_decay, decay_scale=net.config.output_scale)
+        super().__init__(params, rule, lr, weight_decay=weight_decay, decay_scale=net.config.output_scale,
+                         anneal_after=anneal_after)
 
     _extra_state = ("rule", "decay_scale", "net", "_rules", "_fixed_settings")
 

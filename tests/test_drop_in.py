@@ -56,6 +56,18 @@ def test_cache_keys_a_net_by_its_weights_not_its_path(tmp_path):
     assert drop_in.cache_name("adam:0.001") == "adam:0.001"
 
 
+def test_run_key_names_annealing_only_where_it_acts():
+    """A loop no longer than anneal_after runs identically with or without annealing, so it keeps one cache entry
+    (the raw net's runs measured before annealing existed stay valid); a longer loop gets its own."""
+    after = learnedopt.optimizer.ANNEAL_AFTER
+    short, long = (drop_in.Loop("x", steps, torch.nn.Identity, lambda: None, "") for steps in (after, after + 1))
+    net, raw = "net:general-lstm", "net:general-lstm@anneal=off"
+    assert drop_in.run_key(short, net, 0) == drop_in.run_key(short, raw, 0)
+    assert drop_in.run_key(long, net, 0) == drop_in.run_key(long, raw, 0).replace("|0|", f"~anneal{after}|0|")
+    assert drop_in.run_key(long, "net:general-lstm@anneal=5000", 0) == drop_in.run_key(long, raw, 0)
+    assert drop_in.net_spec("general-lstm@anneal=500") == ("general-lstm", 500)
+
+
 def test_time_to_target_interpolates_between_evaluations():
     time_to = drop_in.time_to
     run = {"curve": [4.0, 2.0, 1.0, 1.5], "steps": [0, 10, 20, 30], "seconds": [0.0, 1.0, 2.0, 3.0]}
