@@ -7,7 +7,9 @@ Every loop is a plain ``model / loss.backward() / opt.step()`` loop over a model
 on, run for 300-10,000 steps: MNIST MLPs (one of 1.9M parameters), CNNs (one with BatchNorm and residual blocks),
 sequence models (a transformer and an LSTM on a copy task, a GRU on real text), regression, and deterministic
 full-batch problems (Rosenbrock, matrix factorization). Each optimizer sees the same initializations and minibatches. Baselines: Adam at
-lr=1e-3, and Adam and Nesterov SGD (momentum 0.9) at the learning rate that scores best on a separate tuning seed.
+lr=1e-3, and Adam and Nesterov SGD (momentum 0.9) at the learning rate that scores best on a separate tuning seed,
+and tuned Adam under the learned optimizer's default annealing (``anneal_after``), so that the schedule's own gain
+is not credited to the net.
 A run is scored by its loss on a fixed evaluation set (never the last minibatch), plus test accuracy where a test
 set exists. Results are cached per (loop, optimizer, seed) in ``OUT/runs.json`` (a net keyed by a digest of its
 weights, not its path), so a new net reruns only its own rows; ``results/drop_in.md`` and ``results/drop_in.png`` are rewritten from the cache.
@@ -47,6 +49,7 @@ from learnedopt_experiments.meta_train.reports import hardware
 TUNE_SEED = 1000
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 NAG_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+ANNEALED_ADAM = "Adam tuned, annealed"  # tuned Adam with the learned optimizer's default annealing
 EVAL_POINTS = 25  # evaluations on the fixed set per run (curves, the drift check, time to target)
 
 Batch = tuple[Tensor, Tensor]
@@ -333,24 +336,26 @@ LOOPS = [
 
 
 # -- running -----------------------------------------------------------------------------------------------------
-def net_spec(value: str) -> tuple[str, int | None]:
-    """A ``--nets`` entry, ``NET`` or ``NET@anneal=N|off``: the net and its ``anneal_after`` (default: the
-    optimizer's)."""
-    net, _, anneal = value.partition("@anneal=")
+def optimizer_spec(name: str) -> tuple[str, str, int | None]:
+    """``KIND:VALUE[@anneal=N|off]`` (``net:general-lstm``, ``adam:0.001@anneal=200``): the kind, the value and
+    ``anneal_after``, by default the learned optimizer's own for a net and none for Adam and NAG."""
+    kind, _, rest = name.partition(":")
+    value, _, anneal = rest.partition("@anneal=")
     if not anneal:
-        return net, ANNEAL_AFTER
-    return net, None if anneal == "off" else int(anneal)
+        return kind, value, ANNEAL_AFTER if kind == "net" else None
+    return kind, value, None if anneal == "off" else int(anneal)
 
 
 def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    kind, _, value = name.partition(":")
+    kind, value, anneal_after = optimizer_spec(name)
+    if kind == "adam" and anneal_after is not None:  # Adam with the learned optimizer's annealing, for fairness
+        return learnedopt.RuleOptimizer(params, learnedopt.adam(float(value)), anneal_after=anneal_after)
     if kind == "adam":
         return torch.optim.Adam(params, lr=float(value))
     if kind == "nag":
         return torch.optim.SGD(params, lr=float(value), momentum=0.9, nesterov=True)
     if kind == "net":
-        net, anneal_after = net_spec(value)
-        return learnedopt.LearnedOptimizer(params, net=net, anneal_after=anneal_after)
+        return learnedopt.LearnedOptimizer(params, net=value, anneal_after=anneal_after)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -415,20 +420,18 @@ def time_to(run: dict, target: float, key: str = "seconds") -> float | None:
 def cache_name(optimizer: str) -> str:
     """The optimizer's name in cache keys: a learned net by what it is (its architecture and a digest of its
     weights), not by its path, so that a net file rewritten in place is run again instead of served stale runs."""
-    kind, _, value = optimizer.partition(":")
-    if kind != "net":
+    if not optimizer.startswith("net:"):
         return optimizer
-    identity = json.dumps(net_identity(learnedopt.load_net(net_spec(value)[0])), sort_keys=True)
+    identity = json.dumps(net_identity(learnedopt.load_net(optimizer_spec(optimizer)[1])), sort_keys=True)
     return "net#" + hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def run_key(loop: Loop, optimizer: str, seed: int) -> str:
-    """A run's cache key. Annealing is named only where it acts (the loop is longer than ``anneal_after``):
-    a shorter run is the same run with or without it."""
+    """A run's cache key. A net's annealing is named only where it acts (the loop is longer than
+    ``anneal_after``): a shorter run is the same run with or without it."""
     name = cache_name(optimizer)
-    kind, _, value = optimizer.partition(":")
-    anneal_after = net_spec(value)[1] if kind == "net" else None
-    if anneal_after is not None and loop.steps > anneal_after:
+    kind, _, anneal_after = optimizer_spec(optimizer)
+    if kind == "net" and anneal_after is not None and loop.steps > anneal_after:
         name += f"~anneal{anneal_after}"
     return f"{loop.name}|{loop.steps}|{name}|{seed}|e{EVAL_POINTS}"
 
@@ -457,9 +460,10 @@ class Cache:
         return self.runs[key]
 
 
-def tune(cache: Cache, loop: Loop, kind: str, grid: list[float]) -> float:
-    """The grid learning rate with the lowest final eval-set loss on the tuning seed."""
-    scores = {lr: cache.get(loop, f"{kind}:{lr:g}", TUNE_SEED)["final"] for lr in grid}
+def tune(cache: Cache, loop: Loop, kind: str, grid: list[float], suffix: str = "") -> float:
+    """The grid learning rate with the lowest final eval-set loss on the tuning seed (``suffix``: e.g. an
+    ``@anneal=N``)."""
+    scores = {lr: cache.get(loop, f"{kind}:{lr:g}{suffix}", TUNE_SEED)["final"] for lr in grid}
     return min(scores, key=lambda lr: (scores[lr], lr))
 
 
@@ -471,11 +475,15 @@ def benchmark(loops: list[Loop], nets: list[str], seeds: list[int], cache: Cache
     rows = []
     for loop in loops:
         adam_lr, nag_lr = tune(cache, loop, "adam", ADAM_GRID), tune(cache, loop, "nag", NAG_GRID)
-        optimizers = {"Adam 1e-3": "adam:0.001", "Adam tuned": f"adam:{adam_lr:g}", "NAG tuned": f"nag:{nag_lr:g}"}
+        annealed = f"@anneal={ANNEAL_AFTER}"
+        annealed_lr = tune(cache, loop, "adam", ADAM_GRID, annealed)
+        optimizers = {"Adam 1e-3": "adam:0.001", "Adam tuned": f"adam:{adam_lr:g}", "NAG tuned": f"nag:{nag_lr:g}",
+                      ANNEALED_ADAM: f"adam:{annealed_lr:g}{annealed}"}
         optimizers.update({net: f"net:{net}" for net in nets})
         results = {label: [cache.get(loop, opt, s) for s in seeds] for label, opt in optimizers.items()}
         search = [cache.get(loop, f"adam:{lr:g}", TUNE_SEED) for lr in ADAM_GRID]
-        rows.append({"loop": loop, "adam_lr": adam_lr, "nag_lr": nag_lr, "results": results, "search": search})
+        rows.append({"loop": loop, "adam_lr": adam_lr, "nag_lr": nag_lr, "annealed_lr": annealed_lr,
+                     "results": results, "search": search})
     return rows
 
 
@@ -510,6 +518,7 @@ def report(rows: list[dict], nets: list[str], seeds: list[int], command: str) ->
         vs_adam = [s["final"] / _row_stats(r["results"]["Adam 1e-3"])["final"] for s, r in stats]
         vs_tuned = [s["final"] / _row_stats(r["results"]["Adam tuned"])["final"] for s, r in stats]
         vs_nag = [s["final"] / _row_stats(r["results"]["NAG tuned"])["final"] for s, r in stats]
+        vs_annealed = [s["final"] / _row_stats(r["results"][ANNEALED_ADAM])["final"] for s, r in stats]
         unseen = [not r["loop"].name.startswith("mlp-sigmoid-20") for _, r in stats]
         safe = [s["finite"] and s["below_start"] and s["drift"] <= 1.2 for s, _ in stats]
         wins = sum(v <= 1.0 for v, u in zip(vs_adam, unseen) if u)
@@ -518,18 +527,20 @@ def report(rows: list[dict], nets: list[str], seeds: list[int], command: str) ->
             "",
             f"- unseen loops where it is at or below Adam(1e-3): **{wins} of {sum(unseen)}**",
             f"- median over unseen loops of its loss / tuned Adam's: **{_median([v for v, u in zip(vs_tuned, unseen) if u]):.3f}**;"
-            f" / tuned NAG's: {_median([v for v, u in zip(vs_nag, unseen) if u]):.3f}",
+            f" / tuned NAG's: {_median([v for v, u in zip(vs_nag, unseen) if u]):.3f}; / tuned Adam's with the same "
+            f"annealing (after {ANNEAL_AFTER} steps): {_median([v for v, u in zip(vs_annealed, unseen) if u]):.3f}",
             f"- loops finite, below their initial loss and not drifting up (final <= 1.2x best seen): "
             f"**{sum(safe)} of {len(safe)}**",
             "",
-            "| loop | steps | loss | / Adam 1e-3 | / tuned Adam | / tuned NAG | final / best seen | test acc. | ms/step (Adam 1e-3) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| loop | steps | loss | / Adam 1e-3 | / tuned Adam | / tuned NAG | / tuned Adam, annealed | final / best seen "
+            "| test acc. | ms/step (Adam 1e-3) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for (s, r), a, t, n in zip(stats, vs_adam, vs_tuned, vs_nag):
+        for (s, r), a, t, n, an in zip(stats, vs_adam, vs_tuned, vs_nag, vs_annealed):
             adam = _row_stats(r["results"]["Adam 1e-3"])
             acc = "—" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
             lines.append(
-                f"| {r['loop'].name} | {r['loop'].steps} | {s['final']:.4g} | {a:.3f} | {t:.3f} | {n:.3f} "
+                f"| {r['loop'].name} | {r['loop'].steps} | {s['final']:.4g} | {a:.3f} | {t:.3f} | {n:.3f} | {an:.3f} "
                 f"| {s['drift']:.2f} | {acc} | {s['ms']:.1f} ({adam['ms']:.1f}) |"
             )
         lines.append("")
@@ -537,15 +548,18 @@ def report(rows: list[dict], nets: list[str], seeds: list[int], command: str) ->
     lines += [
         "## Baselines",
         "",
-        "| loop | description | Adam 1e-3 | tuned Adam (lr) | tuned NAG (lr) | test acc. Adam 1e-3 / tuned Adam / tuned NAG |",
-        "|---|---|---|---|---|---|",
+        "| loop | description | Adam 1e-3 | tuned Adam (lr) | tuned NAG (lr) | tuned Adam, annealed (lr) "
+        "| test acc. Adam 1e-3 / tuned Adam / tuned NAG |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = {k: _row_stats(r["results"][k]) for k in ("Adam 1e-3", "Adam tuned", "NAG tuned")}
+        annealed = _row_stats(r["results"][ANNEALED_ADAM])
         acc = " / ".join("—" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}%" for v in s.values())
         lines.append(
             f"| {r['loop'].name} | {r['loop'].description} | {s['Adam 1e-3']['final']:.4g} "
-            f"| {s['Adam tuned']['final']:.4g} ({r['adam_lr']:g}) | {s['NAG tuned']['final']:.4g} ({r['nag_lr']:g}) | {acc} |"
+            f"| {s['Adam tuned']['final']:.4g} ({r['adam_lr']:g}) | {s['NAG tuned']['final']:.4g} ({r['nag_lr']:g}) "
+            f"| {annealed['final']:.4g} ({r['annealed_lr']:g}) | {acc} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -608,9 +622,9 @@ def selection_report(rows: list[dict], nets: list[str], command: str) -> str:
         "seeds (results/drop_in.md) unseen by the choice. Ranked by the median over loops of learned time / tuned "
         "Adam's time to the learned optimizer's final loss (lower is better).",
         "",
-        "| net | median time ratio | with Adam's search | median loss / tuned Adam | worst loss / tuned Adam (loop) "
-        "| loops at or below tuned Adam | loops drifting (final > 1.2x best) |",
-        "|---|---|---|---|---|---|---|",
+        "| net | median time ratio | with Adam's search | median loss / tuned Adam | / tuned Adam, annealed "
+        "| worst loss / tuned Adam (loop) | loops at or below tuned Adam | loops drifting (final > 1.2x best) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     table = []
     for net in nets:
@@ -618,13 +632,20 @@ def selection_report(rows: list[dict], nets: list[str], command: str) -> str:
         stats = [_row_stats(r["results"][net]) for r in rows]
         losses = [(s["final"] / _row_stats(r["results"]["Adam tuned"])["final"], r["loop"].name)
                   for s, r in zip(stats, rows)]
+        annealed = _median([s["final"] / _row_stats(r["results"][ANNEALED_ADAM])["final"] for s, r in zip(stats, rows)])
         worst = max(losses)
         drifting = sum(s["drift"] > 1.2 for s in stats)
         table.append((_median([f["ratio"] for f in figures]), net, _median([f["with_search"] for f in figures]),
-                      _median([v for v, _ in losses]), worst, sum(v <= 1.0 for v, _ in losses), drifting))
-    for ratio, net, searched, median_loss, worst, wins, drifting in sorted(table):
-        lines.append(f"| `{net}` | {ratio:.2f} | {searched:.2f} | {median_loss:.3f} | {worst[0]:.3g} ({worst[1]}) "
-                     f"| {wins} of {len(rows)} | {drifting} |")
+                      _median([v for v, _ in losses]), annealed, worst, sum(v <= 1.0 for v, _ in losses), drifting))
+    for ratio, net, searched, median_loss, annealed, worst, wins, drifting in sorted(table):
+        lines.append(f"| `{net}` | {ratio:.2f} | {searched:.2f} | {median_loss:.3f} | {annealed:.3f} "
+                     f"| {worst[0]:.3g} ({worst[1]}) | {wins} of {len(rows)} | {drifting} |")
+    lines += ["", "Final loss / tuned Adam's, per loop:", "",
+              "| loop | " + " | ".join(f"`{net}`" for net in nets) + " |", "|---|" + "---|" * len(nets)]
+    for r in rows:
+        adam = _row_stats(r["results"]["Adam tuned"])["final"]
+        lines.append(f"| {r['loop'].name} | " + " | ".join(
+            f"{_row_stats(r['results'][net])['final'] / adam:.3g}" for net in nets) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,7 +44,7 @@ def _check_weight_decay(value: Any) -> None:
         raise ValueError(f"Invalid weight_decay: {value!r} (expected a finite number >= 0)")
 
 
-ANNEAL_AFTER = 1000  # LearnedOptimizer's default; see its docstring
+ANNEAL_AFTER = 200  # LearnedOptimizer's default, chosen on the drop-in suite's tuning seed (results/anneal.md)
 
 
 def _check_anneal_after(value: Any) -> None:
@@ -220,11 +220,13 @@ class LearnedOptimizer(RuleOptimizer):
             ``1 - lr * output_scale * weight_decay``, ``output_scale`` being the net's nominal step (1e-3 for
             ``general-lstm``), so ``weight_decay=0.05`` decays as ``AdamW(lr=1e-3, weight_decay=0.05)`` does.
         anneal_after: after this many steps of a parameter, its step (and weight decay) shrinks as
-            ``sqrt(anneal_after / t)`` at step ``t`` (:func:`anneal_factor`), also per param group; ``None``
-            runs the raw net. Why: the nets were meta-trained on runs of at most 500 steps, where big steps pay
-            off; run far longer, their steps keep that size and the loss stalls at a noise floor (10,000 steps
-            of an MNIST MLP: 6-12x tuned Adam's loss, results/drop_in.md). The default was chosen on the drop-in
-            suite's tuning seed; it needs no knowledge of the run's length and composes with any scheduler.
+            ``sqrt(anneal_after / t)`` at step ``t`` (:func:`anneal_factor`; the inverse-square-root schedule),
+            also per param group; ``None`` runs the raw net. Why: the packaged nets were meta-trained on runs of
+            100-500 steps, where big steps pay off; run longer, their steps keep that size and the loss stalls
+            at a noise floor (10,000 steps of an MNIST MLP: 7.9x tuned Adam's loss raw, 0.88x annealed, on the
+            tuning seed). 200 was chosen on the drop-in suite's tuning seed among 100-1000 (results/anneal.md).
+            It needs no run length and multiplies any scheduler's ``lr``: with a schedule that already decays,
+            or a net meta-trained on much longer runs, pass ``None`` or a larger value.
         state_dtype: dtype of the per-coordinate hidden state (default: the net's, float32).
         chunk_size: coordinates per LSTM call; all parameters of a group form one flat batch that is cut into
             chunks of this many rows (``benchmarks/step.py --chunk-size`` measures the best one for a device).

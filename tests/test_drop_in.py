@@ -29,7 +29,8 @@ def test_drop_in_benchmark_writes_a_report_and_reuses_cached_runs(tmp_path):
     assert (tmp_path / "drop_in.png").stat().st_size > 0
     runs = json.loads((tmp_path / "cache" / "runs.json").read_text())
     tuning = [k for k in runs if k.split("|")[3] == "1000"]
-    assert len(tuning) == 4 * (6 + 7)  # Adam's and NAG's grids on the tuning seed, for every loop
+    assert len(tuning) == 4 * (6 + 7 + 6)  # Adam's, NAG's and annealed Adam's grids on the tuning seed, every loop
+    assert "| tuned Adam, annealed (lr) |" in report
     assert {k.split("|")[2] for k in runs if k.split("|")[3] == "0"} >= {"adam:0.001", drop_in.cache_name("net:general-lstm")}
     assert "## Time to target: `general-lstm` against tuned Adam" in report
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
@@ -65,7 +66,9 @@ def test_run_key_names_annealing_only_where_it_acts():
     assert drop_in.run_key(short, net, 0) == drop_in.run_key(short, raw, 0)
     assert drop_in.run_key(long, net, 0) == drop_in.run_key(long, raw, 0).replace("|0|", f"~anneal{after}|0|")
     assert drop_in.run_key(long, "net:general-lstm@anneal=5000", 0) == drop_in.run_key(long, raw, 0)
-    assert drop_in.net_spec("general-lstm@anneal=500") == ("general-lstm", 500)
+    assert drop_in.optimizer_spec("net:general-lstm@anneal=500") == ("net", "general-lstm", 500)
+    assert drop_in.optimizer_spec("adam:0.001") == ("adam", "0.001", None)
+    assert drop_in.run_key(long, "adam:0.001@anneal=200", 0) != drop_in.run_key(long, "adam:0.001", 0)
 
 
 def test_time_to_target_interpolates_between_evaluations():
