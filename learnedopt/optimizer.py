@@ -161,6 +161,8 @@ class RuleOptimizer(Optimizer):
                 # inplace: self.state holds the only reference to the old state, so a rule may overwrite it
                 updates, new_state = rule.update(grads, [self.state[p] for p in params], local, inplace=True)
                 for p, shard, u, s in zip(params, local, updates, new_state):
+                    # a CPU tensor, as torch.optim keeps "step": a tensor like the rest of the state, read without
+                    # a device sync
                     taken = int(self.state[p].get("steps_taken", 0)) + 1
                     lr = float(group["lr"]) * anneal_factor(taken, group.get("anneal_after"))
                     shrink = 1.0 - lr * self.decay_scale * float(group["weight_decay"])
@@ -168,7 +170,7 @@ class RuleOptimizer(Optimizer):
                         shard.mul_(shrink)
                     shard.add_(u, alpha=lr)
                     self.state[p].update(s)
-                    self.state[p]["steps_taken"] = taken
+                    self.state[p]["steps_taken"] = torch.tensor(taken)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -197,7 +199,8 @@ class RuleOptimizer(Optimizer):
             p = params[index]
             for key, value in saved.items():
                 if isinstance(value, Tensor):
-                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+                    device = "cpu" if key == "steps_taken" else p.device
+                    self.state[p][key] = value.detach().to(device=device, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
         """``torch.optim`` pickles only defaults, state and groups; the rule is part of this optimizer too."""
