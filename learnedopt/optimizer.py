@@ -162,7 +162,8 @@ class RuleOptimizer(Optimizer):
                 updates, new_state = rule.update(grads, [self.state[p] for p in params], local, inplace=True)
                 for p, shard, u, s in zip(params, local, updates, new_state):
                     # a CPU tensor, as torch.optim keeps "step": a tensor like the rest of the state, read without
-                    # a device sync
+                    # a device sync; a fresh one each step, since counting in place breaks the graph of
+                    # torch.compile(opt.step, fullgraph=True) at the int() (tests/test_optimizer.py)
                     taken = int(self.state[p].get("steps_taken", 0)) + 1
                     lr = float(group["lr"]) * anneal_factor(taken, group.get("anneal_after"))
                     shrink = 1.0 - lr * self.decay_scale * float(group["weight_decay"])
